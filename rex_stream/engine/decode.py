@@ -1,0 +1,133 @@
+"""Positive links of one forward → extracted spans, with the reference's rules and order.
+
+A (prefix, type) slot whose `[TYPE]` token is T gets the span (h, t) of the text iff three
+links fire: span h→t (h ≤ t), head h→T and tail T→t. Hits are ordered by span (row-major over
+the positive links), then by the slot's position in the hint. Offsets are character offsets into
+the text as it stood when this forward was built. Any lookup the reference would fail on (an
+empty text, a span running past the end) drops that hit, as the reference's `try` does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .prompt import Prefix, Slot
+
+Result = list[dict[str, Any]]
+
+
+@dataclass
+class Links:
+    """What the device sends back for one forward.
+
+    `pairs` are the (row, col) links with logit > 0 in the decodable region, row-major;
+    `prob_t[k]` is the sigmoid at the transposed position (col, row) — the reference reads its
+    confidences there. For classification, `cls_row`/`cls_col` hold the sigmoid of row and column
+    `num_hint_tokens` up to that index (the "blank" pass scores every label from them).
+    """
+
+    pairs: np.ndarray
+    prob_t: np.ndarray
+    cls_row: np.ndarray | None = None
+    cls_col: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class DecodeInput:
+    """Everything besides the links that decoding one forward needs."""
+
+    offsets: list[tuple[int, int]]
+    num_hint_tokens: int
+    hint_offsets: dict[int, int]  # hint character → token index, as the reference maps it
+    slots: Mapping[Slot, int]  # slot → character of its [TYPE] in the hint
+    text: str
+
+
+@dataclass(frozen=True)
+class Hit:
+    slot: Slot
+    span: str
+    start: int
+    end: int
+    confidence: float | None
+
+
+def hint_char_to_token(offsets: list[tuple[int, int]], num_hint_tokens: int) -> dict[int, int]:
+    """Map hint characters to token indices; later tokens overwrite earlier ones like the reference."""
+    return {offsets[i][0]: i for i in range(num_hint_tokens)}
+
+
+def _confidence(a: float, b: float, c: float) -> float:
+    f32 = np.float32
+    return round(float((f32(a) + f32(b) + f32(c)) / f32(3)), 4)
+
+
+def _span_text(text: str, start: int, end: int) -> tuple[str, int] | None:
+    try:
+        while text[start] == " ":
+            start += 1
+    except IndexError:
+        return None
+    return text[start:end], start
+
+
+def decode_links(inp: DecodeInput, links: Links, with_confidence: bool) -> list[Hit]:
+    """All slot hits of one forward in the reference's order."""
+    nh = inp.num_hint_tokens
+    slot_of_token = {inp.hint_offsets[char]: slot for slot, char in inp.slots.items()}
+    slot_rank = {slot: rank for rank, slot in enumerate(inp.slots)}
+    heads: dict[int, dict[Slot, float]] = {}
+    tails: dict[int, dict[Slot, float]] = {}
+    spans: list[tuple[int, int, float]] = []
+    for (row, col), p in zip(links.pairs.tolist(), links.prob_t.tolist()):
+        if row >= nh and col >= nh:
+            if row <= col:
+                spans.append((row, col, p))
+        elif row >= nh:
+            slot = slot_of_token.get(col)
+            if slot is not None:
+                heads.setdefault(row, {})[slot] = p
+        elif col >= nh:
+            slot = slot_of_token.get(row)
+            if slot is not None:
+                tails.setdefault(col, {})[slot] = p
+    hits: list[Hit] = []
+    for head, tail, span_p in spans:
+        head_slots = heads.get(head)
+        tail_slots = tails.get(tail)
+        if not head_slots or not tail_slots:
+            continue
+        matched = sorted((s for s in head_slots if s in tail_slots), key=slot_rank.__getitem__)
+        if not matched:
+            continue
+        located = _span_text(inp.text, inp.offsets[head][0], inp.offsets[tail][1])
+        if located is None:
+            continue
+        span, start = located
+        end = inp.offsets[tail][1]
+        for slot in matched:
+            conf = _confidence(span_p, head_slots[slot], tail_slots[slot]) if with_confidence else None
+            hits.append(Hit(slot, span, start, end, conf))
+    return hits
+
+
+def decode_blank(inp: DecodeInput, links: Links) -> list[Hit]:
+    """Handshake pass: every label scored at the marker token, regardless of the threshold."""
+    nh = inp.num_hint_tokens
+    assert links.cls_row is not None and links.cls_col is not None
+    located = _span_text(inp.text, inp.offsets[nh][0], inp.offsets[nh][1])
+    if located is None:
+        return []
+    span, start = located
+    end = inp.offsets[nh][1]
+    span_p = float(links.cls_row[nh])
+    hits = []
+    for slot, char in inp.slots.items():
+        token = inp.hint_offsets[char]
+        conf = _confidence(span_p, float(links.cls_col[token]), float(links.cls_row[token]))
+        hits.append(Hit(slot, span, start, end, conf))
+    return hits

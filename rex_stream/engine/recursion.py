@@ -1,0 +1,213 @@
+"""One request's recursive extraction, written as a generator so many requests advance together.
+
+`solve(request)` yields the list of forwards one schema level needs, receives their links, decodes,
+builds the next level, and finally returns the request's output. The scheduler (engine.py) runs
+level k of every request in shared batches before any request's level k+1: a wavefront.
+
+Reference behaviours reproduced here (see shared/rex/README.md): prefixes in discovery order,
+classification windows with the marker token re-inserted (and the text edited as the reference
+edits its working copy), per-chunk classification candidates, the handshake ("blank") pass when
+a classification finds nothing, and the final single/multi-label selection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .decode import DecodeInput, Hit, Links, Result, decode_blank, decode_links, hint_char_to_token
+from .prompt import Prefix, build_hints
+from .tokenizer import CLASSIFY_TOKEN, MULTI_CLASSIFY_TOKEN, RexTokenizer, Window
+
+MULTI_LABEL_THRESHOLD = 0.9
+INFO_KEY_SEP = "[INFOKEY]"
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One model input and what decoding it needs."""
+
+    ids: list[int]
+    num_hint_tokens: int
+    want_cls_probs: bool
+
+
+Solver = Generator[list[Forward], list[Links], list[list[Result]]]
+
+
+def legal_paths(schema: Mapping[str, Any]) -> set[tuple[str, ...]]:
+    """Type paths from the root to every leaf; only these are ever output."""
+    paths: set[tuple[str, ...]] = set()
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if not node:
+            paths.add(path)
+            return
+        for key in node:
+            walk(node[key], path + (key,))
+
+    walk(schema, ())
+    return paths
+
+
+def task_marker(text: str) -> str | None:
+    if CLASSIFY_TOKEN in text:
+        return CLASSIFY_TOKEN
+    if MULTI_CLASSIFY_TOKEN in text:
+        return MULTI_CLASSIFY_TOKEN
+    return None
+
+
+def solve(tok: RexTokenizer, text: str, schema: Mapping[str, Any]) -> Solver:
+    """The whole pipeline for one (text, schema): first pass, handshake pass, label selection."""
+    legal = legal_paths(schema)
+    results = yield from _recurse(tok, text, schema, legal, blank=False)
+    marker = task_marker(text)
+    if not results and marker is not None:
+        results = yield from _recurse(tok, text, schema, legal, blank=True)
+    if results and CLASSIFY_TOKEN in text:
+        best = _mean_confidences(results)
+        results = [results[best.index(max(best))]]
+        _drop_confidence(results)
+    if results and MULTI_CLASSIFY_TOKEN in text:
+        means = _mean_confidences(results)
+        keep = [i for i, m in enumerate(means) if m > MULTI_LABEL_THRESHOLD] or [means.index(max(means))]
+        results = [results[i] for i in keep]
+        _drop_confidence(results)
+    return results
+
+
+def _mean_confidences(results: list[list[Result]]) -> list[float]:
+    return [sum(item["confidence"] for item in items) / len(items) for items in results]
+
+
+def _drop_confidence(results: list[list[Result]]) -> None:
+    for items in results:
+        for item in items:
+            item.pop("confidence")
+
+
+@dataclass
+class _Planned:
+    chunk: int
+    window: Window
+    text: str  # the (possibly edited) text this window's offsets refer to
+
+
+def _recurse(tok: RexTokenizer, text: str, schema: Mapping[str, Any], legal: set, blank: bool) -> Solver:
+    results: list[Any] = []
+    level: dict[Prefix, Any] = {(): schema}
+    while level:
+        hints = build_hints(level, tok.count)
+        marker = task_marker(text)
+        planned, text = _plan(tok, hints, text, marker)
+        links = yield [Forward(p.window.ids, p.window.num_hint_tokens, marker is not None) for p in planned]
+        next_level: dict[Prefix, Any] = {}
+        chunk_info: dict[str, list] = {}
+        candidates: list[tuple[str, list[float]]] = []
+        for index, (plan, link) in enumerate(zip(planned, links)):
+            w = plan.window
+            inp = DecodeInput(
+                offsets=w.offsets, num_hint_tokens=w.num_hint_tokens,
+                hint_offsets=hint_char_to_token(w.offsets, w.num_hint_tokens),
+                slots=hints[plan.chunk].slots, text=plan.text,
+            )
+            if marker is None:
+                hits = decode_links(inp, link, with_confidence=False)
+                results.extend(_extraction_step(hits, level, legal, next_level))
+            else:
+                hits = decode_blank(inp, link) if blank else decode_links(inp, link, with_confidence=True)
+                _classification_step(hits, level, legal, next_level, chunk_info, marker)
+            last_of_chunk = index + 1 == len(planned) or planned[index + 1].chunk != plan.chunk
+            if marker is not None and last_of_chunk:
+                _close_chunk(chunk_info, candidates, results, marker)
+                chunk_info = {}
+        if marker == CLASSIFY_TOKEN and candidates:
+            key, confs = sorted(candidates, key=lambda c: sum(c[1]), reverse=True)[0]
+            results.append(_label_items(key, confs, marker))
+        level = next_level
+    return results
+
+
+def _plan(tok: RexTokenizer, hints: list, text: str, marker: str | None) -> tuple[list[_Planned], str]:
+    """Every window of every chunk of one level, in the reference's order.
+
+    For classification, windows after the first get the marker token at their start (their last
+    text token dropped), and the reference inserts the marker into its working text at the
+    window's start character (from this chunk's tokenisation) — later chunks and levels tokenise
+    that edited text, so we do the same.
+    """
+    planned: list[_Planned] = []
+    for c, hint in enumerate(hints):
+        windows = tok.windows(hint.text, text, classification=marker is not None)
+        for j, w in enumerate(windows):
+            if j and marker is not None:
+                w, text = _reinsert_marker(w, text, j, marker, tok)
+            planned.append(_Planned(c, w, text))
+    return planned, text
+
+
+def _reinsert_marker(w: Window, text: str, j: int, marker: str, tok: RexTokenizer) -> tuple[Window, str]:
+    nh = w.num_hint_tokens
+    marker_id = tok.special.classify if marker == CLASSIFY_TOKEN else tok.special.multi_classify
+    start = w.offsets[nh][0]
+    size = len(marker)
+    ids = w.ids[:nh] + [marker_id] + w.ids[nh:-2] + [w.ids[-1]]
+    shifted = [(a + j * size, b + j * size) for a, b in w.offsets[nh:-2]]
+    offsets = w.offsets[:nh] + [(start + (j - 1) * size, start + j * size)] + shifted + [w.offsets[-1]]
+    return Window(ids, offsets, nh), text[:start] + marker + text[start:]
+
+
+def _extraction_step(hits: list[Hit], level: Mapping, legal: set, next_level: dict) -> list[list[Result]]:
+    found = []
+    for hit in hits:
+        prefix, name = hit.slot
+        child = level[prefix][name]
+        if child:
+            next_level[prefix + ((name, hit.span, (hit.start, hit.end)),)] = child
+        info = [{"type": e[0].strip(), "span": e[1], "offset": list(e[2])} for e in prefix]
+        info.append({"type": name, "span": hit.span, "offset": [hit.start, hit.end]})
+        if tuple(item["type"] for item in info) in legal:
+            found.append(info)
+    return found
+
+
+def _classification_step(hits: list[Hit], level: Mapping, legal: set, next_level: dict,
+                         chunk_info: dict[str, list], marker: str) -> None:
+    for hit in hits:
+        prefix, name = hit.slot
+        child = level[prefix][name]
+        if child:
+            next_level[prefix + ((name, hit.span, (hit.start, hit.end), hit.confidence),)] = child
+        on_marker = [e for e in prefix if e[1] == marker]
+        key = INFO_KEY_SEP.join([e[0].strip() for e in on_marker] + [name])
+        value = [{"type": e[0].strip(), "span": e[1], "offset": list(e[2]), "confidence": e[3]} for e in on_marker]
+        value.append({"type": name, "span": hit.span, "offset": [hit.start, hit.end], "confidence": hit.confidence})
+        if tuple(item["type"] for item in value) in legal and hit.span == marker:
+            chunk_info.setdefault(key, []).append(value)
+
+
+def _close_chunk(chunk_info: dict[str, list], candidates: list, results: list, marker: str) -> None:
+    """Per hint chunk: a single-label candidate, or every multi-label hit with its first confidence."""
+    if marker == CLASSIFY_TOKEN:
+        if len(chunk_info) == 1:
+            key, values = next(iter(chunk_info.items()))
+            candidates.append((key, [item["confidence"] for item in values[0]]))
+        elif chunk_info:
+            averaged = {}
+            for key, values in chunk_info.items():
+                columns = zip(*[[item["confidence"] for item in value] for value in values])
+                averaged[key] = [sum(col) / len(col) for col in columns]
+            candidates.append(sorted(averaged.items(), key=lambda kv: sum(kv[1]), reverse=True)[0])
+    else:
+        for key, values in chunk_info.items():
+            confs = [item["confidence"] for item in values[0]]
+            results.append(_label_items(key, confs, marker))
+
+
+def _label_items(key: str, confs: list[float], marker: str) -> list[Result]:
+    return [
+        {"type": name, "span": marker, "offset": [0, len(marker)], "confidence": conf}
+        for name, conf in zip(key.split(INFO_KEY_SEP), confs)
+    ]

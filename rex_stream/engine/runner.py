@@ -1,0 +1,102 @@
+"""Device side of the engine: pad a batch of forwards, run the model, bring back positive links.
+
+Only compact data crosses the host/device boundary: [B, L] token ids, position ids and the two
+prompt-isolation vectors go in (the L×L mask is expanded on the device), and only the positive
+links of the decodable region (plus one row/column for classification) come back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+
+from .decode import Links
+from .layout import build_layout
+from .model import RexModel
+from .recursion import Forward
+from .tokenizer import SpecialIds
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class ForwardRunner:
+    """Runs padded batches of forwards through one model on one device."""
+
+    def __init__(self, model: RexModel, special: SpecialIds, device: torch.device, dtype: str) -> None:
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        self.model = model
+        self.special = special
+        self.device = device
+        self.dtype = dtype
+
+    def _autocast(self):
+        if self.dtype == "fp32":
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.dtype])
+
+    def tensors(self, forwards: Sequence[Forward]) -> dict[str, torch.Tensor]:
+        """Host-side padding of one batch into [B, L] arrays, moved to the device."""
+        width = max(len(f.ids) for f in forwards)
+        n = len(forwards)
+        ids = np.full((n, width), self.special.pad, dtype=np.int64)
+        pos = np.zeros((n, width), dtype=np.int64)
+        group = np.full((n, width), -1, dtype=np.int64)
+        slot = np.full((n, width), -1, dtype=np.int64)
+        valid = np.zeros((n, width), dtype=bool)
+        for b, f in enumerate(forwards):
+            length = len(f.ids)
+            ids[b, :length] = f.ids
+            pos[b, :length], group[b, :length], slot[b, :length] = build_layout(f.ids, self.special)
+            valid[b, :length] = True
+        nh = np.array([f.num_hint_tokens for f in forwards], dtype=np.int64)
+        arrays = {"ids": ids, "pos": pos, "group": group, "slot": slot, "valid": valid, "nh": nh}
+        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+
+    @torch.inference_mode()
+    def logits(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
+        """fp32 logits [B, L, L] of one padded batch."""
+        g, s, valid = t["group"], t["slot"], t["valid"]
+        gi, gj = g[:, :, None], g[:, None, :]
+        si, sj = s[:, :, None], s[:, None, :]
+        blocked = ((gi >= 0) & (gj >= 0) & (gi != gj)) | ((gi >= 0) & (gi == gj) & (si >= 0) & (sj >= 0) & (si != sj))
+        mask = ~blocked & valid[:, :, None] & valid[:, None, :]
+        with self._autocast():
+            return self.model(t["ids"], t["pos"], mask, valid).float()
+
+    @torch.inference_mode()
+    def run(self, forwards: Sequence[Forward]) -> list[Links]:
+        """Links of every forward of one batch, in order."""
+        t = self.tensors(forwards)
+        logits = self.logits(t)
+        return self.extract(logits, t, [f.want_cls_probs for f in forwards])
+
+    def extract(self, logits: torch.Tensor, t: dict[str, torch.Tensor], want_cls: Sequence[bool]) -> list[Links]:
+        """Positive links of the decodable region (text×text upper triangle, text×hint, hint×text)."""
+        n, width, _ = logits.shape
+        valid = t["valid"]
+        idx = torch.arange(width, device=logits.device)
+        nh = t["nh"][:, None, None]
+        text_row = idx[None, :, None] >= nh
+        text_col = idx[None, None, :] >= nh
+        region = (text_row & text_col & (idx[:, None] <= idx[None, :])) | (text_row ^ text_col)
+        positive = (logits > 0) & region & valid[:, :, None] & valid[:, None, :]
+        where = positive.nonzero()
+        prob_t = torch.sigmoid(logits[where[:, 0], where[:, 2], where[:, 1]])
+        counts = torch.bincount(where[:, 0], minlength=n).cpu().tolist()
+        pairs = where[:, 1:].to(torch.int32).cpu().numpy()
+        probs = prob_t.cpu().numpy()
+        cls_rows = {}
+        for b in (b for b in range(n) if want_cls[b]):
+            h = int(t["nh"][b])
+            cls_rows[b] = (torch.sigmoid(logits[b, h, : h + 1]).cpu().numpy(), torch.sigmoid(logits[b, : h + 1, h]).cpu().numpy())
+        out = []
+        start = 0
+        for b, count in enumerate(counts):
+            row, col = cls_rows.get(b, (None, None))
+            out.append(Links(pairs[start : start + count], probs[start : start + count], row, col))
+            start += count
+        return out

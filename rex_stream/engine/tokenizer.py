@@ -1,0 +1,117 @@
+"""WordPiece tokenizer of a RexUniNLU model directory, built directly with `tokenizers`.
+
+The reference loads `BertTokenizerFast` from `vocab.txt` and adds four task tokens at run
+time. We build the same pipeline (BERT normaliser with lower-casing and accent stripping,
+BERT pre-tokeniser, WordPiece with 100-char words, `[CLS] A [SEP] B [SEP]` template) so the
+token ids and character offsets are identical, without depending on `transformers`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordPiece
+
+PREFIX_TOKEN = "[PREFIX]"
+TYPE_TOKEN = "[TYPE]"
+CLASSIFY_TOKEN = "[CLASSIFY]"
+MULTI_CLASSIFY_TOKEN = "[MULTICLASSIFY]"
+TASK_TOKENS = (PREFIX_TOKEN, TYPE_TOKEN, CLASSIFY_TOKEN, MULTI_CLASSIFY_TOKEN)
+BASE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+MAX_LEN = 512
+EXTRACTION_STRIDE = 32
+
+
+@dataclass(frozen=True)
+class Window:
+    """One model input: `[CLS] hint [SEP] text-window [SEP]` with character offsets."""
+
+    ids: list[int]
+    offsets: list[tuple[int, int]]
+    num_hint_tokens: int
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    cls: int
+    sep: int
+    pad: int
+    prefix: int
+    type: int
+    classify: int
+    multi_classify: int
+
+
+class RexTokenizer:
+    """Encodes (hint, text) pairs into overflowing 512-token windows like the reference."""
+
+    def __init__(self, model_dir: Path, max_len: int = MAX_LEN) -> None:
+        model_dir = Path(model_dir)
+        vocab_file = model_dir / "vocab.txt"
+        if not vocab_file.is_file():
+            raise FileNotFoundError(f"{vocab_file} not found: a RexUniNLU model directory needs vocab.txt")
+        settings = _tokenizer_settings(model_dir)
+        self.max_len = max_len
+        self._single = _build(vocab_file, settings)
+        self._extraction = _build(vocab_file, settings)
+        self._extraction.enable_truncation(max_len, stride=EXTRACTION_STRIDE, strategy="only_second")
+        self._classification = _build(vocab_file, settings)
+        self._classification.enable_truncation(max_len, stride=0, strategy="only_second")
+        tid = self._single.token_to_id
+        self.special = SpecialIds(
+            cls=tid("[CLS]"), sep=tid("[SEP]"), pad=tid("[PAD]"), prefix=tid(PREFIX_TOKEN),
+            type=tid(TYPE_TOKEN), classify=tid(CLASSIFY_TOKEN), multi_classify=tid(MULTI_CLASSIFY_TOKEN),
+        )
+        self.vocab_size = self._single.get_vocab_size(with_added_tokens=True)
+
+    def count(self, text: str) -> int:
+        """Tokens of `text` plus one marker, as the reference counts hint parts (`len(ids) - 1`)."""
+        return len(self._single.encode(text).ids) - 1
+
+    def windows(self, hint: str, text: str, classification: bool) -> list[Window]:
+        """All windows of one (hint, text) pair: stride 32 for extraction, 0 for classification."""
+        tok = self._classification if classification else self._extraction
+        enc = tok.encode(hint, text)
+        result = []
+        for part in [enc, *enc.overflowing]:
+            nh = part.type_ids.index(1) if 1 in part.type_ids else len(part.ids)
+            result.append(Window(ids=list(part.ids), offsets=list(part.offsets), num_hint_tokens=nh))
+        return result
+
+
+def _tokenizer_settings(model_dir: Path) -> dict:
+    path = model_dir / "tokenizer_config.json"
+    settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    lower = bool(settings.get("do_lower_case", True))
+    strip = settings.get("strip_accents")
+    return {
+        "lowercase": lower,
+        "strip_accents": lower if strip is None else bool(strip),
+        "chinese_chars": bool(settings.get("tokenize_chinese_chars", True)),
+    }
+
+
+def _build(vocab_file: Path, settings: dict) -> Tokenizer:
+    vocab: dict[str, int] = {}
+    with vocab_file.open(encoding="utf-8") as fh:
+        for index, line in enumerate(fh):
+            vocab.setdefault(line.rstrip("\n"), index)
+    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=settings["chinese_chars"],
+        strip_accents=settings["strip_accents"], lowercase=settings["lowercase"],
+    )
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in BASE_SPECIAL_TOKENS])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TASK_TOKENS])
+    cls_id, sep_id = vocab["[CLS]"], vocab["[SEP]"]
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    return tok
