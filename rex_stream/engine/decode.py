@@ -25,13 +25,14 @@ class Links:
     """What the device sends back for one forward.
 
     `pairs` are the (row, col) links with logit > 0 in the decodable region, row-major;
-    `prob_t[k]` is the sigmoid at the transposed position (col, row) — the reference reads its
-    confidences there. For classification, `cls_row`/`cls_col` hold the sigmoid of row and column
-    `num_hint_tokens` up to that index (the "blank" pass scores every label from them).
+    `score_t[k]` is the label score at the transposed position (col, row) — the reference reads
+    its confidences there. For classification, `cls_row`/`cls_col` hold the scores of row and
+    column `num_hint_tokens` up to that index (the "blank" pass scores every label from them).
+    What a score is (raw logit or sigmoid) is the runner's `cls_score` setting.
     """
 
     pairs: np.ndarray
-    prob_t: np.ndarray
+    score_t: np.ndarray
     cls_row: np.ndarray | None = None
     cls_col: np.ndarray | None = None
 
@@ -83,7 +84,7 @@ def decode_links(inp: DecodeInput, links: Links, with_confidence: bool) -> list[
     heads: dict[int, dict[Slot, float]] = {}
     tails: dict[int, dict[Slot, float]] = {}
     spans: list[tuple[int, int, float]] = []
-    for (row, col), p in zip(links.pairs.tolist(), links.prob_t.tolist()):
+    for (row, col), p in zip(links.pairs.tolist(), links.score_t.tolist()):
         if row >= nh and col >= nh:
             if row <= col:
                 spans.append((row, col, p))

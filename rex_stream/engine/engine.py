@@ -46,7 +46,8 @@ class Engine:
     """Loads a RexUniNLU model once and answers batches of requests."""
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "fp32", batch_tokens: int = 16384,
-                 max_batch: int = 512, limits: Limits = Limits(), cache_dir: str | None = None) -> None:
+                 max_batch: int = 512, limits: Limits = Limits(), cache_dir: str | None = None,
+                 cls_score: str = "logit") -> None:
         self.model_dir = resolve_model_dir(str(model), cache_dir)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -54,7 +55,7 @@ class Engine:
             torch.backends.cudnn.allow_tf32 = False
         self.tokenizer = RexTokenizer(self.model_dir)
         net, self.config = load_model(self.model_dir, device=str(self.device))
-        self.runner = ForwardRunner(net, self.tokenizer.special, self.device, dtype)
+        self.runner = ForwardRunner(net, self.tokenizer.special, self.device, dtype, cls_score)
         self.dtype = dtype
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch

@@ -21,13 +21,24 @@ from .tokenizer import SpecialIds
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
+# How classification confidences are scored. The golden reference data (shared/rex/golden) was
+# produced with raw logits in place of the pipeline's sigmoid probabilities — every one of its
+# classification outputs follows from logit means (the shipped code would average sigmoids;
+# its results differ on 29 of the 311 public cases). "logit" reproduces the golden data and is
+# the default; "sigmoid" reproduces the shipped model-repository code.
+CLS_SCORES = ("logit", "sigmoid")
+
 
 class ForwardRunner:
     """Runs padded batches of forwards through one model on one device."""
 
-    def __init__(self, model: RexModel, special: SpecialIds, device: torch.device, dtype: str) -> None:
+    def __init__(self, model: RexModel, special: SpecialIds, device: torch.device, dtype: str,
+                 cls_score: str = "logit") -> None:
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}")
+        if cls_score not in CLS_SCORES:
+            raise ValueError(f"cls_score must be one of {CLS_SCORES}")
+        self.score = torch.sigmoid if cls_score == "sigmoid" else torch.clone
         self.model = model
         self.special = special
         self.device = device
@@ -85,18 +96,18 @@ class ForwardRunner:
         region = (text_row & text_col & (idx[:, None] <= idx[None, :])) | (text_row ^ text_col)
         positive = (logits > 0) & region & valid[:, :, None] & valid[:, None, :]
         where = positive.nonzero()
-        prob_t = torch.sigmoid(logits[where[:, 0], where[:, 2], where[:, 1]])
+        score_t = self.score(logits[where[:, 0], where[:, 2], where[:, 1]])
         counts = torch.bincount(where[:, 0], minlength=n).cpu().tolist()
         pairs = where[:, 1:].to(torch.int32).cpu().numpy()
-        probs = prob_t.cpu().numpy()
+        scores = score_t.cpu().numpy()
         cls_rows = {}
         for b in (b for b in range(n) if want_cls[b]):
             h = int(t["nh"][b])
-            cls_rows[b] = (torch.sigmoid(logits[b, h, : h + 1]).cpu().numpy(), torch.sigmoid(logits[b, : h + 1, h]).cpu().numpy())
+            cls_rows[b] = (self.score(logits[b, h, : h + 1]).cpu().numpy(), self.score(logits[b, : h + 1, h]).cpu().numpy())
         out = []
         start = 0
         for b, count in enumerate(counts):
             row, col = cls_rows.get(b, (None, None))
-            out.append(Links(pairs[start : start + count], probs[start : start + count], row, col))
+            out.append(Links(pairs[start : start + count], scores[start : start + count], row, col))
             start += count
         return out

@@ -1,0 +1,211 @@
+"""Random-weights RexUniNLU model directories for tests and benchmarks (the real weights are not shipped)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections import OrderedDict
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from rex_stream.engine.model import ADDED_TOKENS
+
+# The published config.json of iic/nlp_deberta_rex-uninlu_chinese-base, key order kept.
+BASE_CONFIG: dict = {
+    "model_type": "deberta-v2",
+    "architectures": ["DebertaV2ForMaskedLM"],
+    "attention_probs_dropout_prob": 0.1,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.1,
+    "hidden_size": 768,
+    "initializer_range": 0.02,
+    "intermediate_size": 3072,
+    "max_position_embeddings": 512,
+    "relative_attention": True,
+    "position_buckets": 256,
+    "norm_rel_ebd": "layer_norm",
+    "share_att_key": True,
+    "pos_att_type": "c2p|p2c",
+    "conv_kernel_size": 3,
+    "conv_act": "gelu",
+    "layer_norm_eps": 1e-7,
+    "max_relative_positions": -1,
+    "position_biased_input": False,
+    "num_attention_heads": 12,
+    "num_hidden_layers": 12,
+    "type_vocab_size": 0,
+    "vocab_size": 12800,
+}
+TINY_CONFIG: dict = {
+    **BASE_CONFIG,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+}
+
+# Small JSON files of the model repo; written only when the vocab's directory has no copy.
+_SIDE_FILES: dict[str, str] = {
+    "configuration.json": json.dumps(
+        {
+            "framework": "pytorch",
+            "task": "rex-uninlu",
+            "pipeline": {"type": "nlp_deberta_rex-uninlu_chinese-base-pipe"},
+            "allow_remote": True,
+        },
+        separators=(",", ":"),
+    ),
+    "tokenizer_config.json": json.dumps(
+        {
+            "do_lower_case": True,
+            "do_basic_tokenize": True,
+            "never_split": None,
+            "unk_token": "[UNK]",
+            "sep_token": "[SEP]",
+            "pad_token": "[PAD]",
+            "cls_token": "[CLS]",
+            "mask_token": "[MASK]",
+            "tokenize_chinese_chars": True,
+            "strip_accents": None,
+            "special_tokens_map_file": None,
+            "tokenizer_class": "BertTokenizer",
+        },
+        indent=4,
+    ),
+    "special_tokens_map.json": json.dumps(
+        {"unk_token": "[UNK]", "sep_token": "[SEP]", "pad_token": "[PAD]", "cls_token": "[CLS]", "mask_token": "[MASK]"}
+    ),
+}
+
+DEFAULT_LINK_BIAS = 5.0
+# Standard deviation of the head's raw (unbiased) logits; weights are scaled from it per hidden size.
+_LOGIT_STD = 8.7
+_WEIGHT_STD = 0.02
+_BIAS_STD = 0.02
+_LN_WEIGHT_STD = 0.1
+_LN_BIAS_STD = 0.1
+_SPAN_MIN_FREQ = 0.3  # rotary pairs fast enough to fade within a few tokens carry the span kernel
+_SPAN_GAIN = 30.0
+_TYPE_GATE = 3.0
+_TYPE_OFFSET = 1  # [TYPE] is the second of the added tokens
+
+
+def default_vocab_path() -> Path:
+    """``$REX_SHARED/rex/tiny-random/vocab.txt``; REX_SHARED defaults to ``../shared`` (from the cwd)."""
+    return Path(os.environ.get("REX_SHARED", "../shared")) / "rex" / "tiny-random" / "vocab.txt"
+
+
+def _random_state_dict(cfg: dict, seed: int, link_bias: float) -> OrderedDict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+
+    def normal(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen) * std + mean
+
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def linear(name: str, n_out: int, n_in: int, std: float = _WEIGHT_STD) -> None:
+        state[f"{name}.weight"] = normal(n_out, n_in, std=std)
+        state[f"{name}.bias"] = normal(n_out, std=_BIAS_STD)
+
+    def layer_norm(name: str) -> None:
+        # Non-trivial affine parameters so padding bugs (LN(E[PAD]) != 0) cannot hide.
+        state[f"{name}.weight"] = normal(hidden, std=_LN_WEIGHT_STD, mean=1.0)
+        state[f"{name}.bias"] = normal(hidden, std=_LN_BIAS_STD)
+
+    state["plm.embeddings.word_embeddings.weight"] = normal(cfg["vocab_size"] + ADDED_TOKENS, hidden, std=1.0)
+    layer_norm("plm.embeddings.LayerNorm")
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"plm.encoder.layer.{i}."
+        for proj in ("query_proj", "key_proj", "value_proj"):
+            linear(p + "attention.self." + proj, hidden, hidden)
+        linear(p + "attention.output.dense", hidden, hidden)
+        layer_norm(p + "attention.output.LayerNorm")
+        linear(p + "intermediate.dense", inter, hidden)
+        linear(p + "output.dense", hidden, inter)
+        layer_norm(p + "output.LayerNorm")
+    state["plm.encoder.rel_embeddings.weight"] = normal(2 * cfg["position_buckets"], hidden, std=1.0)
+    layer_norm("plm.encoder.LayerNorm")
+    kernel = cfg["conv_kernel_size"]
+    state["plm.encoder.conv.conv.weight"] = normal(hidden, hidden, kernel, std=_WEIGHT_STD)
+    state["plm.encoder.conv.conv.bias"] = normal(hidden, std=_BIAS_STD)
+    layer_norm("plm.encoder.conv.LayerNorm")
+
+    head_std = math.sqrt(_LOGIT_STD) / hidden**0.75
+    for name in ("ffnq", "ffnk"):
+        linear(name, hidden, hidden, std=head_std)
+    state["rotary_emb.freqs"] = 1.0 / (10000 ** (torch.arange(0, hidden, 2, dtype=torch.float32) / hidden))
+    _shape_head(state, cfg, link_bias)
+    return state
+
+
+def _shape_head(state: dict[str, torch.Tensor], cfg: dict, link_bias: float) -> None:
+    """Give the random head the link statistics of a trained one (see write_random_model).
+
+    Rotary pairs are interleaved (dims 2k, 2k+1 rotate by position * freqs[k]); a bias-only
+    pair contributes ``q_bias . k_bias * cos(freqs[k] * (pos_i - pos_j))`` to every logit.
+    """
+    freqs = state["rotary_emb.freqs"]
+    q_w, q_b, k_w, k_b = (state[f"{n}.{p}"] for n in ("ffnq", "ffnk") for p in ("weight", "bias"))
+    span_pairs = (freqs >= _SPAN_MIN_FREQ).nonzero().flatten()
+    gate, shift = len(freqs) - 2, len(freqs) - 1  # lowest frequencies: ~constant over 512 positions
+    structured = torch.cat([2 * span_pairs, 2 * span_pairs + 1, torch.tensor([2 * gate, 2 * gate + 1, 2 * shift])])
+    for t in (q_w, q_b, k_w, k_b):
+        t[structured] = 0.0
+    # Span kernel: + _SPAN_GAIN * mean_k cos(freqs[k] * d), 1 at d = 0 and fading within a few tokens.
+    q_b[2 * span_pairs] = k_b[2 * span_pairs] = math.sqrt(_SPAN_GAIN / len(span_pairs))
+    # Type gate: the projection of a hidden state on the [TYPE] token's normalised embedding is
+    # ~8 for [TYPE] tokens and ~0.4 +- 0.7 for text (base, measured), so (bias, projection) in one
+    # pair and (projection, bias) in the other dim raise links into and out of [TYPE] tokens.
+    hidden = cfg["hidden_size"]
+    type_row = state["plm.embeddings.word_embeddings.weight"][cfg["vocab_size"] + _TYPE_OFFSET]
+    type_dir = F.normalize(
+        F.layer_norm(
+            type_row,
+            (hidden,),
+            state["plm.embeddings.LayerNorm.weight"],
+            state["plm.embeddings.LayerNorm.bias"],
+            cfg["layer_norm_eps"],
+        ),
+        dim=0,
+    )
+    q_b[2 * gate] = k_b[2 * gate + 1] = 1.0
+    k_w[2 * gate] = q_w[2 * gate + 1] = _TYPE_GATE * type_dir
+    # Link bias: +c / -c on one pair lowers every logit by ~c^2, which sets the overall sparsity.
+    q_b[2 * shift], k_b[2 * shift] = link_bias, -link_bias
+
+
+def write_random_model(
+    out_dir: Path,
+    size: Literal["base", "tiny"],
+    seed: int = 0,
+    link_bias: float = DEFAULT_LINK_BIAS,
+    vocab_path: Path | None = None,
+) -> Path:
+    """Write a loadable model directory in the ModelScope layout with seeded random weights.
+
+    Same seed and arguments give byte-identical ``pytorch_model.bin``.
+    """
+    if size not in ("base", "tiny"):
+        raise ValueError(f"size must be 'base' or 'tiny', not {size!r}")
+    vocab = Path(vocab_path) if vocab_path is not None else default_vocab_path()
+    if not vocab.is_file():
+        raise FileNotFoundError(f"vocab file {vocab} not found (set REX_SHARED or pass vocab_path)")
+    cfg = BASE_CONFIG if size == "base" else TINY_CONFIG
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(cfg, indent=4) + "\n", encoding="utf-8")
+    shutil.copyfile(vocab, out / "vocab.txt")
+    for name, text in _SIDE_FILES.items():
+        source = vocab.parent / name
+        if source.is_file():
+            shutil.copyfile(source, out / name)
+        else:
+            (out / name).write_text(text, encoding="utf-8")
+    torch.save(_random_state_dict(cfg, seed, link_bias), out / "pytorch_model.bin")
+    return out
