@@ -56,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="number of worker processes (CPU devices)")
 
     p = sub.add_parser("produce", help="send JSON Lines or text lines to a topic")
-    p.add_argument("--bootstrap-servers", default="127.0.0.1:9092")
+    p.add_argument("--bootstrap-servers", help="default: the config file's, or 127.0.0.1:9092")
     p.add_argument("--topic", required=True)
     p.add_argument("--input", default="-")
     p.add_argument("--schema", help="wrap plain text lines as {text, schema}")

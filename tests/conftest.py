@@ -106,3 +106,41 @@ def kafka_topics(kafka_broker: LocalBroker, request: pytest.FixtureRequest
     return create
 
 # ============================ end of Kafka broker fixtures ===================
+
+
+# ============================================================================
+# Shared reference data (../shared by default, REX_SHARED to override): the
+# tiny model directory and the golden outputs. Not in the repo (third-party
+# vocab and dev sets). Missing => skip with the reason, or fail in CI
+# (REX_REQUIRE_SHARED=1).
+# ============================================================================
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def shared_path() -> Path:
+    return Path(os.environ.get("REX_SHARED", REPO_ROOT.parent / "shared")).resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    root = shared_path()
+    if not (root / "rex" / "tiny-random" / "pytorch_model.bin").is_file():
+        reason = f"shared data not found at {root} (set REX_SHARED to the project's shared/ folder)"
+        if os.environ.get("REX_REQUIRE_SHARED") == "1":
+            pytest.fail(reason, pytrace=False)
+        pytest.skip(reason)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(shared_dir: Path) -> Path:
+    return shared_dir / "rex" / "tiny-random"
+
+
+@pytest.fixture(scope="session")
+def golden_cases(shared_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    with open(shared_dir / "rex" / "golden" / "public.jsonl", encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh]

@@ -13,7 +13,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from rex_stream.engine.model import ADDED_TOKENS
+from rex_stream.engine.model import ADDED_TOKENS, RexModel
+from rex_stream.engine.weights import ModelConfig
 
 # The published config.json of iic/nlp_deberta_rex-uninlu_chinese-base, key order kept.
 BASE_CONFIG: dict = {
@@ -83,16 +84,18 @@ _SIDE_FILES: dict[str, str] = {
 }
 
 DEFAULT_LINK_BIAS = 5.0
-# Standard deviation of the head's raw (unbiased) logits; weights are scaled from it per hidden size.
-_LOGIT_STD = 8.7
 _WEIGHT_STD = 0.02
 _BIAS_STD = 0.02
 _LN_WEIGHT_STD = 0.1
 _LN_BIAS_STD = 0.1
-_SPAN_MIN_FREQ = 0.3  # rotary pairs fast enough to fade within a few tokens carry the span kernel
-_SPAN_GAIN = 30.0
-_TYPE_GATE = 3.0
-_TYPE_OFFSET = 1  # [TYPE] is the second of the added tokens
+# Head shaping (see _shape_head); values tuned on the base size, documented in write_random_model.
+_LOGIT_STD = 8.7  # std of the head's content logits, whatever the hidden size
+_SPAN_MIN_FREQ = 0.3  # rotary pairs this fast fade within a few tokens: they carry the span kernel
+_SPAN_GAIN = 30.0  # logit bonus of the span kernel at distance 0
+_TYPE_BONUS = 16.0  # logit bonus of text -> [TYPE] and [TYPE] -> text links
+# Token ids of the real vocab layout: [CLS]=1, [SEP]=2, first ordinary token after [unused99];
+# the four added tokens follow the vocabulary in the order [PREFIX], [TYPE], [CLASSIFY], [MULTICLASSIFY].
+_CLS, _SEP, _FIRST_WORD = 1, 2, 104
 
 
 def default_vocab_path() -> Path:
@@ -103,11 +106,10 @@ def default_vocab_path() -> Path:
 def _random_state_dict(cfg: dict, seed: int, link_bias: float) -> OrderedDict[str, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     hidden, inter = cfg["hidden_size"], cfg["intermediate_size"]
+    state: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def normal(*shape: int, std: float, mean: float = 0.0) -> torch.Tensor:
         return torch.randn(*shape, generator=gen) * std + mean
-
-    state: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     def linear(name: str, n_out: int, n_in: int, std: float = _WEIGHT_STD) -> None:
         state[f"{name}.weight"] = normal(n_out, n_in, std=std)
@@ -131,20 +133,42 @@ def _random_state_dict(cfg: dict, seed: int, link_bias: float) -> OrderedDict[st
         layer_norm(p + "output.LayerNorm")
     state["plm.encoder.rel_embeddings.weight"] = normal(2 * cfg["position_buckets"], hidden, std=1.0)
     layer_norm("plm.encoder.LayerNorm")
-    kernel = cfg["conv_kernel_size"]
-    state["plm.encoder.conv.conv.weight"] = normal(hidden, hidden, kernel, std=_WEIGHT_STD)
+    state["plm.encoder.conv.conv.weight"] = normal(hidden, hidden, cfg["conv_kernel_size"], std=_WEIGHT_STD)
     state["plm.encoder.conv.conv.bias"] = normal(hidden, std=_BIAS_STD)
     layer_norm("plm.encoder.conv.LayerNorm")
-
-    head_std = math.sqrt(_LOGIT_STD) / hidden**0.75
-    for name in ("ffnq", "ffnk"):
-        linear(name, hidden, hidden, std=head_std)
+    linear("ffnq", hidden, hidden)  # rescaled by _shape_head
+    linear("ffnk", hidden, hidden)
     state["rotary_emb.freqs"] = 1.0 / (10000 ** (torch.arange(0, hidden, 2, dtype=torch.float32) / hidden))
-    _shape_head(state, cfg, link_bias)
+    _shape_head(state, cfg, link_bias, gen)
     return state
 
 
-def _shape_head(state: dict[str, torch.Tensor], cfg: dict, link_bias: float) -> None:
+def _calibration_states(state: dict[str, torch.Tensor], cfg: dict, gen: torch.Generator) -> tuple[torch.Tensor, ...]:
+    """Final hidden states of the text tokens and the mean [TYPE] state on a random level-0 prompt."""
+    with torch.device("meta"):
+        model = RexModel.from_config(ModelConfig.from_dict(cfg))
+    model.load_state_dict(state, assign=True)
+    prefix, type_id = cfg["vocab_size"], cfg["vocab_size"] + 1
+    n_types, type_len, text_len = 4, 3, 96
+    words = torch.randint(_FIRST_WORD, cfg["vocab_size"], (n_types * type_len + text_len,), generator=gen).tolist()
+    ids, pos, span = [_CLS, prefix], [0, 1], [-1, -1]
+    for t in range(n_types):  # sibling type spans share positions and do not see each other
+        ids += [type_id, *words[t * type_len : (t + 1) * type_len]]
+        pos += range(2, 3 + type_len)
+        span += [t] * (1 + type_len)
+    text_start = len(ids) + 1
+    ids += [_SEP, *words[n_types * type_len :], _SEP]
+    pos += range(3 + type_len, 3 + type_len + text_len + 2)
+    span += [-1] * (text_len + 2)
+    s = torch.tensor(span)
+    allowed = (s[:, None] < 0) | (s[None, :] < 0) | (s[:, None] == s[None, :])
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        h = model.encode(ids_t, torch.tensor([pos]), allowed[None], torch.ones_like(ids_t, dtype=torch.bool))[0]
+    return h[text_start:-1], h[ids_t[0] == type_id].mean(0)
+
+
+def _shape_head(state: dict[str, torch.Tensor], cfg: dict, link_bias: float, gen: torch.Generator) -> None:
     """Give the random head the link statistics of a trained one (see write_random_model).
 
     Rotary pairs are interleaved (dims 2k, 2k+1 rotate by position * freqs[k]); a bias-only
@@ -152,30 +176,31 @@ def _shape_head(state: dict[str, torch.Tensor], cfg: dict, link_bias: float) -> 
     """
     freqs = state["rotary_emb.freqs"]
     q_w, q_b, k_w, k_b = (state[f"{n}.{p}"] for n in ("ffnq", "ffnk") for p in ("weight", "bias"))
+    text, type_mean = _calibration_states(state, cfg, gen)
+    # Without the shared text direction, content logits are centred at 0 for every seed.
+    common = F.normalize(text.mean(0), dim=0)
+    for w in (q_w, k_w):
+        w -= torch.outer(w @ common, common)
     span_pairs = (freqs >= _SPAN_MIN_FREQ).nonzero().flatten()
     gate, shift = len(freqs) - 2, len(freqs) - 1  # lowest frequencies: ~constant over 512 positions
-    structured = torch.cat([2 * span_pairs, 2 * span_pairs + 1, torch.tensor([2 * gate, 2 * gate + 1, 2 * shift])])
+    structured = torch.cat([2 * span_pairs, 2 * span_pairs + 1, torch.tensor([2 * gate, 2 * gate + 1, 2 * shift, 2 * shift + 1])])
     for t in (q_w, q_b, k_w, k_b):
         t[structured] = 0.0
+    # Rescale so text-text content logits have std _LOGIT_STD (random layers shrink the token-specific part).
+    content = (text @ q_w.T) @ (text @ k_w.T).T
+    off_diagonal = ~torch.eye(len(text), dtype=torch.bool)
+    scale = math.sqrt(_LOGIT_STD / content[off_diagonal].std().item())
+    q_w *= scale
+    k_w *= scale
     # Span kernel: + _SPAN_GAIN * mean_k cos(freqs[k] * d), 1 at d = 0 and fading within a few tokens.
     q_b[2 * span_pairs] = k_b[2 * span_pairs] = math.sqrt(_SPAN_GAIN / len(span_pairs))
-    # Type gate: the projection of a hidden state on the [TYPE] token's normalised embedding is
-    # ~8 for [TYPE] tokens and ~0.4 +- 0.7 for text (base, measured), so (bias, projection) in one
-    # pair and (projection, bias) in the other dim raise links into and out of [TYPE] tokens.
-    hidden = cfg["hidden_size"]
-    type_row = state["plm.embeddings.word_embeddings.weight"][cfg["vocab_size"] + _TYPE_OFFSET]
-    type_dir = F.normalize(
-        F.layer_norm(
-            type_row,
-            (hidden,),
-            state["plm.embeddings.LayerNorm.weight"],
-            state["plm.embeddings.LayerNorm.bias"],
-            cfg["layer_norm_eps"],
-        ),
-        dim=0,
-    )
+    # Type gate: g(h) = projection on the [TYPE] direction (orthogonal to the text mean) is ~0 for
+    # text and 1 for [TYPE]; (bias 1, g) in one dim and (g, bias 1) in the other add
+    # _TYPE_BONUS * (g_i + g_j), i.e. raise head links (text -> [TYPE]) and tail links ([TYPE] -> text).
+    type_dir = type_mean - (type_mean @ common) * common
+    gate_row = _TYPE_BONUS * type_dir / type_dir.norm() ** 2
     q_b[2 * gate] = k_b[2 * gate + 1] = 1.0
-    k_w[2 * gate] = q_w[2 * gate + 1] = _TYPE_GATE * type_dir
+    k_w[2 * gate] = q_w[2 * gate + 1] = gate_row
     # Link bias: +c / -c on one pair lowers every logit by ~c^2, which sets the overall sparsity.
     q_b[2 * shift], k_b[2 * shift] = link_bias, -link_bias
 
