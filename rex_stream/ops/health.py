@@ -233,7 +233,7 @@ def serve(port: int, state: HealthState, metrics: Any = None, host: str = "0.0.0
     """Start the HTTP endpoint on a daemon thread and return the server (``port=0``: any free port,
     read it back from ``server.port``). Stop it with ``server.stop()``."""
     server = HealthServer((host, port), _handler(state, metrics))
-    thread = threading.Thread(target=server.serve_forever, name=f"rex-http-{server.port}", daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.1,), name=f"rex-http-{server.port}", daemon=True)
     thread.start()
     return server
 

@@ -153,7 +153,11 @@ def total_lag_series(workers: dict[str, WorkerSummary]) -> list[tuple[datetime, 
     series: list[tuple[datetime, int]] = []
     for s in events:
         latest[s.worker] = s.lag_total
-        series.append((s.time, sum(latest.values())))
+        point = (s.time, sum(latest.values()))
+        if series and series[-1][0] == s.time:
+            series[-1] = point  # several workers reporting at the same instant: one point
+        else:
+            series.append(point)
     return series
 
 
