@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import orjson
@@ -26,6 +27,12 @@ BAD = [
     (b"k-empty", orjson.dumps({"text": "", "schema": {"a": None}}), "empty_text"),
     (b"k-tomb", None, "empty_message"),
     (b"k-plain", "没有默认模式的纯文本".encode(), "bad_json"),
+    (b"k-huge", orjson.dumps({"text": "x" * 120_000, "schema": {"a": None}}), "message_too_large"),
+    (b"k-texttype", orjson.dumps({"text": 12345, "schema": {"a": None}}), "bad_text"),
+    (b"k-leaf", orjson.dumps({"text": "abc", "schema": {"a": 5}}), "bad_schema"),
+    (b"k-array", b"[1, 2, 3]", "bad_json"),
+    (b"k-reserved", orjson.dumps({"text": "abc[TYPE]def", "schema": {"a": None}}), "bad_text"),
+    (b"k-nulls", orjson.dumps({"text": None, "schema": None}), "missing_schema"),
 ]
 
 
@@ -36,7 +43,8 @@ def test_results_dead_letters_and_commits(kafka_broker, kafka_topics, tiny_model
                                               "meta": {"n": i}})) for i, c in enumerate(cases)]
     items += [(key, value) for key, value, _ in BAD]
     produce(kafka_broker.bootstrap, topics["input"], items)
-    cfg = write_config(tmp_path / "cfg.yaml", kafka_broker.bootstrap, topics, tiny_model)
+    cfg = write_config(tmp_path / "cfg.yaml", kafka_broker.bootstrap, topics, tiny_model,
+                       limits={"max_message_bytes": 100_000})
     log = tmp_path / "worker.log"
     proc = start_worker(cfg, log)
     try:
@@ -88,3 +96,62 @@ def test_plain_text_with_default_schema(kafka_broker, kafka_topics, tiny_model, 
         stop(proc)
     assert got and got[0]["output"] == case["output"]
     assert got[0]["id"] == f"{topics['input']}-0-0"
+
+
+def test_broker_restart_mid_run(kafka_broker_factory, tiny_model, golden_cases, tmp_path: Path):
+    from rex_stream.devbroker import create_topics
+
+    broker = kafka_broker_factory()
+    topics = {"input": "in", "output": "out", "dlq": "dlq"}
+    create_topics(broker.bootstrap, {"in": 2, "out": 2, "dlq": 1})
+    cases = cheap_cases(golden_cases, 40)
+    first = [(f"a{i}".encode(), orjson.dumps({"id": f"a{i}", "text": c["text"], "schema": c["schema"]})) for i, c in enumerate(cases)]
+    second = [(f"b{i}".encode(), orjson.dumps({"id": f"b{i}", "text": c["text"], "schema": c["schema"]})) for i, c in enumerate(cases)]
+    produce(broker.bootstrap, "in", first)
+    cfg = write_config(tmp_path / "cfg.yaml", broker.bootstrap, topics, tiny_model)
+    log = tmp_path / "w.log"
+    proc = start_worker(cfg, log)
+    try:
+        assert len(read_all(broker.bootstrap, "out", len(first), timeout=120)) >= len(first)
+        broker.stop()
+        time.sleep(3)
+        assert proc.poll() is None, "worker died while the broker was down"
+        broker.start()
+        produce(broker.bootstrap, "in", second)
+        got = read_all(broker.bootstrap, "out", 10**9, timeout=180,
+                       until=lambda g: {v["id"] for v in values(g)} >= {f"b{i}" for i in range(len(cases))})
+    finally:
+        code = stop(proc)
+    assert code == 0, log.read_text()[-2000:]
+    ids = {v["id"] for v in values(got)}
+    assert ids == {f"a{i}" for i in range(len(cases))} | {f"b{i}" for i in range(len(cases))}
+
+
+def test_supervised_cpu_workers_restart_after_crash(kafka_broker, kafka_topics, tiny_model, golden_cases, tmp_path: Path):
+    import signal
+    import subprocess
+    import sys
+
+    topics = kafka_topics(input=4, output=4, dlq=1)
+    cases = cheap_cases(golden_cases, 40)
+    produce(kafka_broker.bootstrap, topics["input"],
+            [(f"s{i}".encode(), orjson.dumps({"id": f"s{i}", "text": c["text"], "schema": c["schema"]})) for i, c in enumerate(cases)])
+    cfg = write_config(tmp_path / "cfg.yaml", kafka_broker.bootstrap, topics, tiny_model, consumer={"session_timeout_ms": 6000})
+    log = tmp_path / "sup.log"
+    sup = subprocess.Popen([sys.executable, "-m", "rex_stream.cli", "run", "--config", str(cfg), "--workers", "2"],
+                           stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        assert len(read_all(kafka_broker.bootstrap, topics["output"], len(cases), timeout=120)) >= len(cases)
+        children = subprocess.run(["pgrep", "-P", str(sup.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) == 2
+        subprocess.run(["kill", "-9", children[0]], check=True)
+        deadline = time.monotonic() + 30
+        while "worker_restarted" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.3)
+        assert "worker_restarted" in log.read_text()
+    finally:
+        sup.send_signal(signal.SIGTERM)
+        code = sup.wait(90)
+    assert code == 0, log.read_text()[-2000:]
+    events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    assert {e.get("worker") for e in events if e["event"] == "worker_started"} == {"0", "1"}

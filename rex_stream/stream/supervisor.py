@@ -102,4 +102,6 @@ class Supervisor:
             time.sleep(0.2)
         codes = [c.proc.returncode if c.proc is not None else 0 for c in self.children]
         self.log.info("supervisor_stopped", exit_codes=codes, failed=failed)
-        return 1 if failed or any(codes) else 0
+        # A child stopped by the forwarded signal before it installed its handlers exits -SIGTERM.
+        clean = (0, -signal.SIGTERM, -signal.SIGINT)
+        return 1 if failed or any(code not in clean for code in codes) else 0
