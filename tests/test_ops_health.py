@@ -232,3 +232,13 @@ def test_no_target_falls_back_to_settings(monkeypatch, endpoint, capsys):
     capsys.readouterr()
     assert cli(["health"]) == 1
     assert "nothing to check" in capsys.readouterr().out
+
+
+def test_documented_series_are_the_registered_ones():
+    import re
+
+    from rex_stream.ops import metrics as metrics_module
+
+    documented = set(re.findall(r"``(rex_stream_[a-z_]+)", metrics_module.__doc__))
+    registered = {f.name + ("_total" if f.type == "counter" else "") for f in WorkerMetrics("w").registry.collect()}
+    assert documented == registered

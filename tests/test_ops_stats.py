@@ -49,12 +49,14 @@ def _write_log(path: Path) -> None:
     ]
     for i in range(12):
         # gpu0 ramps up, gpu1 joins late; lag drains from 6000 to 0
-        lines.append(json.dumps(_stats("gpu0", i, results=1000 + 200 * i,
-                                       lag={"rex-input[0]": max(0, 3000 - 300 * i), "rex-input[1]": max(0, 1000 - 100 * i)},
+        lag0 = {"rex-input[0]": max(0, 3000 - 300 * i), "rex-input[1]": max(0, 1000 - 100 * i)}
+        lines.append(json.dumps(_stats("gpu0", i, results=1000 + 200 * i, lag=lag0,
                                        dead=1 if i == 3 else 0, p99=80.0 + i)))
         if i >= 2:
-            lines.append(json.dumps(_stats("gpu1", i, results=1500,
-                                           lag={"rex-input[2]": max(0, 2000 - 250 * i)}, p99=140.0 if i == 5 else 90.0)))
+            lag1 = {"rex-input[2]": max(0, 2000 - 250 * i)}
+            prefix = "worker-gpu1  | " if i % 2 else ""  # as `docker compose logs` prints it
+            lines.append(prefix + json.dumps(_stats("gpu1", i, results=1500, lag=lag1,
+                                                    p99=140.0 if i == 5 else 90.0)))
         lines.append(json.dumps({"event": "partitions_assigned", "worker": "gpu1", "partitions": ["rex-input[2]"]}))
         lines.append("{truncated json")
     lines.append(json.dumps(_stats("cpu", 0, results=0, lag={}, p99=None)))

@@ -154,4 +154,5 @@ def test_supervised_cpu_workers_restart_after_crash(kafka_broker, kafka_topics, 
         code = sup.wait(90)
     assert code == 0, log.read_text()[-2000:]
     events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
-    assert {e.get("worker") for e in events if e["event"] == "worker_started"} == {"0", "1"}
+    started = {e.get("worker") for e in events if e["event"] == "worker_started"}
+    assert {w.rsplit("-", 1)[1] for w in started} == {"0", "1"}

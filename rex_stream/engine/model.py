@@ -15,7 +15,8 @@ Deviations from the reference that do not change single-request results:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -87,7 +88,7 @@ class _Layer(nn.Module):
         index = rel_index.unsqueeze(1).expand(-1, self.heads, -1, -1)
         c2p = torch.gather(q @ pos_k.transpose(-1, -2), -1, index)
         p2c = torch.gather(k @ pos_q.transpose(-1, -2), -1, index.transpose(-1, -2)).transpose(-1, -2)
-        bias = (c2p + p2c).masked_fill(~allowed, torch.finfo(c2p.dtype).min)
+        bias = (c2p + p2c).masked_fill(~allowed, float("-inf"))
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         # A row with no allowed key gets zero context (the reference's masked softmax does the same).
         ctx = (ctx * row_alive).transpose(1, 2).flatten(2)
@@ -127,10 +128,10 @@ class _Rotary(nn.Module):
         self.freqs = nn.Parameter(freqs, requires_grad=False)
 
     def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Rotate interleaved pairs (x[2k], x[2k+1]) by position * freqs[k], all in fp32."""
-        angles = position_ids.float().unsqueeze(-1) * self.freqs.float()
+        """Rotate interleaved pairs (x[2k], x[2k+1]) by position * freqs[k], in x's dtype (>= fp32)."""
+        angles = position_ids.to(x.dtype).unsqueeze(-1) * self.freqs.to(x.dtype)
         cos, sin = angles.cos(), angles.sin()
-        even, odd = x.float().unflatten(-1, (-1, 2)).unbind(-1)
+        even, odd = x.unflatten(-1, (-1, 2)).unbind(-1)
         return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
 
 
@@ -156,12 +157,14 @@ class RexModel(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> RexModel:
+        """Randomly initialised model of the configured size (load weights afterwards)."""
         return cls(cfg)
 
     def clear_cache(self) -> None:
         self._rel_cache.clear()
 
-    def _apply(self, fn, *args, **kwargs):  # noqa: ANN001, ANN202 - torch's private signature
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> RexModel:
+        # Every .to()/.cuda()/.half() goes through here: cached tables would be on the old device/dtype.
         self.clear_cache()
         return super()._apply(fn, *args, **kwargs)
 
@@ -187,7 +190,7 @@ class RexModel(nn.Module):
         attention_mask: torch.Tensor,
         token_mask: torch.Tensor,
     ) -> torch.Tensor:
-        """Return fp32 logits [B, L, L]; entries in padding rows/columns are meaningless."""
+        """Link logits [B, L, L], fp32 (fp64 for an fp64 model); padding rows/columns are meaningless."""
         hidden = self.encode(input_ids, position_ids, attention_mask, token_mask)
         return self.link_logits(hidden, position_ids)
 
@@ -209,9 +212,13 @@ class RexModel(nn.Module):
         length = input_ids.shape[1]
 
         allowed = attention_mask.bool() & token_mask[:, None, :] & token_mask[:, :, None]
-        row_alive = allowed.any(-1)[:, None, :, None]
+        row_alive = allowed.any(-1)
         col_alive = allowed.any(-2).unsqueeze(-1)
-        allowed = allowed.unsqueeze(1)
+        # A row with nothing to attend (padding) attends to itself instead, so no softmax row is all
+        # -inf (NaN would leak through 0 * NaN in later layers); its output is zeroed afterwards.
+        eye = torch.eye(length, dtype=torch.bool, device=device)
+        allowed = (allowed | (eye & ~row_alive.unsqueeze(-1))).unsqueeze(1)
+        row_alive = row_alive[:, None, :, None]
 
         # Relative distance d_ij = clamp(pos_i - pos_j + S, 0, 2S-1), shifted to the reachable rows.
         span = self.cfg.position_buckets
@@ -230,11 +237,12 @@ class RexModel(nn.Module):
         return x
 
     def link_logits(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Span head in fp32 whatever the autocast state: the decision is the sign of a large dot product."""
+        """Span head in at least fp32 whatever the autocast state: links are signs of large dot products."""
+        dtype = torch.promote_types(self.ffnq.weight.dtype, torch.float32)
         with torch.autocast(hidden.device.type, enabled=False):
-            h = hidden.float()
-            q = self.rotary_emb(F.linear(h, self.ffnq.weight.float(), self.ffnq.bias.float()), position_ids)
-            k = self.rotary_emb(F.linear(h, self.ffnk.weight.float(), self.ffnk.bias.float()), position_ids)
+            h = hidden.to(dtype)
+            q = self.rotary_emb(F.linear(h, self.ffnq.weight.to(dtype), self.ffnq.bias.to(dtype)), position_ids)
+            k = self.rotary_emb(F.linear(h, self.ffnk.weight.to(dtype), self.ffnk.bias.to(dtype)), position_ids)
             return q @ k.transpose(-1, -2)
 
     def _conv(self, embedded: torch.Tensor, layer0: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

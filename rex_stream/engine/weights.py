@@ -58,6 +58,9 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> ModelConfig:
         """Validate and build; raises UnsupportedConfig naming every offending setting."""
+        missing = [f for f in cls.__dataclass_fields__ if f not in raw]
+        if missing:
+            raise UnsupportedConfig(f"config.json lacks {', '.join(missing)}")
         problems = [f"{k}={raw.get(k, '<missing>')!r} (need {v!r})" for k, v in _FIXED.items() if raw.get(k) != v]
         pos_att = raw.get("pos_att_type")
         parts = pos_att.split("|") if isinstance(pos_att, str) else pos_att
@@ -66,9 +69,6 @@ class ModelConfig:
         # A positive value would switch the reference to log-bucketed relative positions.
         if raw.get("max_relative_positions", -1) > 0:
             problems.append(f"max_relative_positions={raw['max_relative_positions']!r} (need <= 0)")
-        missing = [f for f in cls.__dataclass_fields__ if f not in raw]
-        if missing:
-            raise UnsupportedConfig(f"config.json lacks {', '.join(missing)}")
         cfg = cls(**{f: raw[f] for f in cls.__dataclass_fields__})
         heads, hidden = cfg.num_attention_heads, cfg.hidden_size
         if hidden % heads:

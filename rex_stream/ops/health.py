@@ -23,6 +23,7 @@ one-line reason on stdout).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -162,10 +163,8 @@ class HealthState:
                     json.dump(payload, f)
                 os.replace(tmp, path)
             except BaseException:
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(tmp)
-                except OSError:
-                    pass
                 raise
         except OSError:
             # a full or read-only disk must not kill the poll loop; the file just goes stale
@@ -274,7 +273,8 @@ def check_file(path: str | Path, max_age: float, ready: bool, now: float | None 
         return False, f"unhealthy: unreadable heartbeat file {path}: {exc}"
     age = (time.time() if now is None else now) - ts
     if age > max_age:
-        return False, f"unhealthy: heartbeat {age:.1f} s old (max {max_age:g} s), pid {data.get('pid')}: loop stuck or worker gone"
+        return False, (f"unhealthy: heartbeat {age:.1f} s old (max {max_age:g} s), pid {data.get('pid')}:"
+                       " loop stuck or worker gone")
     if ready:
         missing = [label for key, label in (("model_loaded", "model not loaded"), ("assigned", "no assignment yet"),
                                             ("broker_ok", "broker unreachable")) if not data.get(key)]

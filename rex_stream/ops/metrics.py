@@ -1,28 +1,24 @@
 """Prometheus metrics of one worker process, on a private registry (``WorkerMetrics.registry``).
 
-Every series carries a ``worker`` label (the worker id, e.g. ``gpu0``); Prometheus adds
-``instance``/``pod`` from the scrape target. Series (all prefixed ``rex_stream_``):
+Every series carries a ``worker`` label (the worker id); Prometheus adds ``instance``/``pod`` from
+the scrape target. Series (all prefixed ``rex_stream_``; other labels in braces):
 
-=========================================  =========  ===========================  ==========================================
-series                                     type       labels (besides ``worker``)  meaning
-=========================================  =========  ===========================  ==========================================
-``rex_stream_messages_in_total``           counter    ``topic``                    input messages accepted from Kafka
-``rex_stream_results_out_total``           counter                                 result records produced and confirmed
-``rex_stream_dead_letters_total``          counter    ``reason``                   inputs sent to the dead-letter topic
-``rex_stream_batches_total``               counter                                 engine batches completed
-``rex_stream_batch_messages``              histogram                               messages per batch
-``rex_stream_batch_forwards``              histogram                               model forward passes per batch
-``rex_stream_batch_tokens``                histogram                               estimated tokens per batch
-``rex_stream_batch_seconds``               histogram                               engine time per batch
-``rex_stream_latency_seconds``             histogram                               end to end: input record timestamp to result confirmed
-``rex_stream_consumer_lag``                gauge      ``topic``, ``partition``     messages behind the high watermark (owned partitions)
-``rex_stream_gpu_memory_bytes``            gauge                                   peak GPU memory allocated by the engine
-``rex_stream_gpu_utilization_ratio``       gauge                                   GPU utilisation, 0..1 (absent when unknown)
-``rex_stream_assigned_partitions``         gauge                                   partitions currently assigned to this worker
-``rex_stream_commit_failures_total``       counter                                 offset/transaction commits that failed
-``rex_stream_rebalances_total``            counter    ``kind``                     rebalance callbacks: ``assign``, ``revoke``, ``lost``
-``rex_stream_start_time_seconds``          gauge                                   Unix time the worker's metrics were created
-=========================================  =========  ===========================  ==========================================
+* ``rex_stream_messages_in_total{topic}`` (counter): input messages accepted from Kafka
+* ``rex_stream_results_out_total`` (counter): result records produced and confirmed
+* ``rex_stream_dead_letters_total{reason}`` (counter): inputs sent to the dead-letter topic
+* ``rex_stream_batches_total`` (counter): engine batches completed
+* ``rex_stream_batch_messages`` (histogram): messages per batch
+* ``rex_stream_batch_forwards`` (histogram): model forward passes per batch
+* ``rex_stream_batch_tokens`` (histogram): estimated tokens per batch
+* ``rex_stream_batch_seconds`` (histogram): engine time per batch
+* ``rex_stream_latency_seconds`` (histogram): end to end, input record timestamp to result confirmed
+* ``rex_stream_consumer_lag{topic,partition}`` (gauge): messages behind the high watermark, owned partitions
+* ``rex_stream_gpu_memory_bytes`` (gauge): peak GPU memory allocated by the engine
+* ``rex_stream_gpu_utilization_ratio`` (gauge): GPU utilisation 0..1 (absent while unknown)
+* ``rex_stream_assigned_partitions`` (gauge): partitions currently assigned to this worker
+* ``rex_stream_commit_failures_total`` (counter): offset or transaction commits that failed
+* ``rex_stream_rebalances_total{kind}`` (counter): rebalance callbacks, kind ``assign``/``revoke``/``lost``
+* ``rex_stream_start_time_seconds`` (gauge): Unix time the worker's metrics were created
 
 Histograms also expose ``_bucket``, ``_sum`` and ``_count``; e.g. p99 latency over 5 minutes::
 
@@ -33,6 +29,7 @@ The Grafana dashboard in ``deploy/grafana/rex-stream-dashboard.json`` uses only 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterable
@@ -132,10 +129,8 @@ class WorkerMetrics:
             keys &= self._lag_keys
             self._lag_keys -= keys
         for key in keys:
-            try:
+            with contextlib.suppress(KeyError):
                 self._lag.remove(self.worker, *key)
-            except KeyError:
-                pass
 
     def gpu(self, memory_bytes: int, utilization: float | None) -> None:
         """GPU memory in bytes; utilisation as a fraction 0..1 (a percentage > 1 is divided by 100)."""

@@ -7,8 +7,8 @@ worker logs an event with these keys (counters cover the interval only)::
     dead_letters, batches, mean_batch_messages, mean_batch_tokens, throughput_msgs_s,
     latency_p50_ms, latency_p99_ms, lag_total, lag ({"topic[partition]": int}), gpu_memory_bytes
 
-This command reads such a log (several workers' logs concatenated are fine; other events and
-non-JSON lines are skipped), prints one row per worker — total messages, mean and peak
+This command reads such a log (several workers' logs concatenated are fine, also with a
+``service | `` prefix per line; other events and non-JSON lines are skipped), prints one row per worker — total messages, mean and peak
 throughput, worst p99 latency, final lag, dead letters — and draws a PNG with two panels:
 throughput per worker over time and the group's total lag over time (the sum of each worker's
 latest ``lag_total``). Needs matplotlib (the ``plot`` extra).
@@ -113,11 +113,11 @@ def read_stats(lines: Iterable[str]) -> dict[str, WorkerSummary]:
     """Stats events grouped by worker (in time order); everything else is skipped."""
     workers: dict[str, WorkerSummary] = {}
     for line in lines:
-        line = line.strip()
-        if not line.startswith("{"):
+        start = line.find("{")  # tolerate prefixes such as `docker compose logs`' "worker-gpu0  | "
+        if start < 0 or '"stats"' not in line:
             continue
         try:
-            obj = json.loads(line)
+            obj = json.loads(line[start:])
         except ValueError:
             continue
         if not isinstance(obj, dict) or obj.get("event") != "stats":

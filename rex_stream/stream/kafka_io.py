@@ -11,7 +11,8 @@ from ..config import Settings
 from .messages import Record, Source
 
 
-def consumer_config(s: Settings, on_stats: Callable[[str], None] | None, eos: bool) -> dict[str, Any]:
+def consumer_config(s: Settings, on_stats: Callable[[str], None] | None, eos: bool,
+                    on_error: Callable[[KafkaError], None] | None = None) -> dict[str, Any]:
     conf = s.kafka.client_config() | {
         "group.id": s.consumer.group_id,
         "enable.auto.commit": False,
@@ -27,6 +28,8 @@ def consumer_config(s: Settings, on_stats: Callable[[str], None] | None, eos: bo
         conf["group.instance.id"] = s.consumer.group_instance_id
     if on_stats is not None:
         conf["stats_cb"] = on_stats
+    if on_error is not None:
+        conf["error_cb"] = on_error
     return conf
 
 

@@ -54,13 +54,26 @@ def main(args: Any) -> int:
             import torch
 
             devices = parse_gpus(args.gpus, torch.cuda.device_count())
-            envs = [os.environ | {"CUDA_VISIBLE_DEVICES": str(g), "REX_WORKER_INDEX": str(i), "REX_MODEL__DEVICE": "cuda"}
+            envs = [child_env(settings, i) | {"CUDA_VISIBLE_DEVICES": str(g), "REX_MODEL__DEVICE": "cuda"}
                     for i, g in enumerate(devices)]
         else:
-            envs = [os.environ | {"REX_WORKER_INDEX": str(i)} for i in range(args.workers)]
+            envs = [child_env(settings, i) for i in range(args.workers)]
         argv = _child_argv()
         return Supervisor([argv] * len(envs), envs).run()
     return run_worker(settings, log)
+
+
+def child_env(settings: Settings, index: int) -> dict[str, str]:
+    """Per-child settings that must differ: worker index, HTTP port, static id, heartbeat file."""
+    env = dict(os.environ) | {"REX_WORKER_INDEX": str(index)}
+    mon, consumer = settings.monitor, settings.consumer
+    if mon.http_port:
+        env["REX_MONITOR__HTTP_PORT"] = str(mon.http_port + index)
+    if mon.heartbeat_file:
+        env["REX_MONITOR__HEARTBEAT_FILE"] = f"{mon.heartbeat_file}.{index}"
+    if consumer.group_instance_id:
+        env["REX_CONSUMER__GROUP_INSTANCE_ID"] = f"{consumer.group_instance_id}-{index}"
+    return env
 
 
 def run_worker(settings: Settings, log: Any) -> int:
@@ -77,8 +90,7 @@ def run_worker(settings: Settings, log: Any) -> int:
         from ..ops.metrics import WorkerMetrics
 
         metrics = WorkerMetrics(worker_id)
-        health = HealthState(heartbeat_file=settings.monitor.heartbeat_file,
-                             heartbeat_timeout_s=settings.monitor.heartbeat_timeout_s)
+        health = HealthState.from_settings(settings.monitor)
         if settings.monitor.http_port is not None:
             server = serve(settings.monitor.http_port, health, metrics)
     engine = Engine(settings.model.name, device=settings.model.device, dtype=settings.model.dtype,

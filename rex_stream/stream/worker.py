@@ -26,7 +26,8 @@ from typing import Any
 
 import orjson
 import structlog
-from confluent_kafka import OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consumer, KafkaException, TopicPartition
+from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consumer, KafkaError, KafkaException,
+                             TopicPartition)
 
 from ..config import Settings
 from ..engine.engine import Engine, Outcome
@@ -78,10 +79,10 @@ class Worker:
         self.inflight: _InFlight | None = None
         self._stop = threading.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rex-engine")
-        self.consumer = Consumer(consumer_config(settings, self._on_stats, self.eos))
+        self.consumer = Consumer(consumer_config(settings, self._on_stats, self.eos, self._on_client_error))
         txn_id = None
         if self.eos:
-            txn_id = settings.delivery.transactional_id or f"{settings.consumer.group_id}-{socket.gethostname()}-{worker_id}"
+            txn_id = settings.delivery.transactional_id or f"{settings.consumer.group_id}-{worker_id}"
         self.producer = ConfirmingProducer(producer_config(settings, txn_id))
 
     # ----------------------------------------------------------------------------- lifecycle
@@ -121,8 +122,6 @@ class Worker:
         wait = self.acc.wait_s()
         timeout = 0.005 if self.inflight is not None else min(0.1, wait if wait is not None else 0.1)
         messages = self.consumer.consume(num_messages=self.s.consumer.fetch_max_messages, timeout=timeout)
-        if self.health is not None and messages is not None:
-            self.health.broker_reachable = True
         for msg in messages:
             self._accept(msg)
         completed = self.inflight is not None and self.inflight.future.done()
@@ -329,6 +328,7 @@ class Worker:
         self.tracker.forget(list(tps))
         if self.metrics is not None:
             self.metrics.assigned(len(self.owned))
+            self.metrics.forget_partitions(tps)
 
     # ----------------------------------------------------------------------------- flow control
 
@@ -343,9 +343,17 @@ class Worker:
             self.consumer.resume(self.consumer.assignment())
             self.paused = False
 
+    def _on_client_error(self, err: KafkaError) -> None:
+        if err.code() == KafkaError._ALL_BROKERS_DOWN and self.health is not None:
+            self.health.broker_reachable = False
+        self.log.warning("kafka_error", error=str(err))
+
     def _on_stats(self, raw: str) -> None:
+        stats = orjson.loads(raw)
+        if self.health is not None:
+            self.health.broker_reachable = any(b.get("state") == "UP" for b in stats.get("brokers", {}).values())
         lag = {}
-        for topic, t in orjson.loads(raw).get("topics", {}).items():
+        for topic, t in stats.get("topics", {}).items():
             for pid, part in t.get("partitions", {}).items():
                 value = part.get("consumer_lag", -1)
                 if int(pid) >= 0 and value >= 0 and (topic, int(pid)) in self.owned:
@@ -374,4 +382,5 @@ def _names(partitions: list[TopicPartition]) -> list[str]:
 
 
 def worker_id_from_env() -> str:
-    return os.environ.get("REX_WORKER_INDEX", "0")
+    """'<host>-<index>': unique across hosts and pods, stable across restarts of the same slot."""
+    return f"{socket.gethostname()}-{os.environ.get('REX_WORKER_INDEX', '0')}"
