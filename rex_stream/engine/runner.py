@@ -39,10 +39,23 @@ class ForwardRunner:
         if cls_score not in CLS_SCORES:
             raise ValueError(f"cls_score must be one of {CLS_SCORES}")
         self.score = torch.sigmoid if cls_score == "sigmoid" else torch.clone
+        self._layouts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
         self.model = model
         self.special = special
         self.device = device
         self.dtype = dtype
+
+    def _hint_layout(self, f: Forward) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        """Layout of the `[CLS] hint [SEP]` part, cached: many forwards share a hint."""
+        key = tuple(f.ids[: f.num_hint_tokens])
+        hit = self._layouts.get(key)
+        if hit is None:
+            pos, group, slot = build_layout(f.ids[: f.num_hint_tokens], self.special)
+            hit = (pos, group, slot, int(pos.max()) + 1)
+            if len(self._layouts) >= 50_000:
+                self._layouts.clear()
+            self._layouts[key] = hit
+        return hit
 
     def _autocast(self):
         if self.dtype == "fp32":
@@ -59,9 +72,11 @@ class ForwardRunner:
         slot = np.full((n, width), -1, dtype=np.int64)
         valid = np.zeros((n, width), dtype=bool)
         for b, f in enumerate(forwards):
-            length = len(f.ids)
+            length, nh = len(f.ids), f.num_hint_tokens
             ids[b, :length] = f.ids
-            pos[b, :length], group[b, :length], slot[b, :length] = build_layout(f.ids, self.special)
+            hint_pos, hint_group, hint_slot, start = self._hint_layout(f)
+            pos[b, :nh], group[b, :nh], slot[b, :nh] = hint_pos, hint_group, hint_slot
+            pos[b, nh:length] = np.arange(start, start + length - nh)
             valid[b, :length] = True
         nh = np.array([f.num_hint_tokens for f in forwards], dtype=np.int64)
         arrays = {"ids": ids, "pos": pos, "group": group, "slot": slot, "valid": valid, "nh": nh}
@@ -86,16 +101,23 @@ class ForwardRunner:
         return self.extract(logits, t, [f.want_cls_probs for f in forwards])
 
     def extract(self, logits: torch.Tensor, t: dict[str, torch.Tensor], want_cls: Sequence[bool]) -> list[Links]:
-        """Positive links of the decodable region (text×text upper triangle, text×hint, hint×text)."""
+        """Positive links that can matter to decoding, found on the device.
+
+        Head links (text row → [TYPE] column), tail links ([TYPE] row → text column), and span
+        links (h ≤ t in the text) whose head row has some head link and whose tail column has
+        some tail link — a span without both can never be decoded, so it never leaves the device.
+        """
         n, width, _ = logits.shape
         valid = t["valid"]
         idx = torch.arange(width, device=logits.device)
-        nh = t["nh"][:, None, None]
-        text_row = idx[None, :, None] >= nh
-        text_col = idx[None, None, :] >= nh
-        region = (text_row & text_col & (idx[:, None] <= idx[None, :])) | (text_row ^ text_col)
-        positive = (logits > 0) & region & valid[:, :, None] & valid[:, None, :]
-        where = positive.nonzero()
+        text = (idx[None, :] >= t["nh"][:, None]) & valid
+        is_type = t["ids"] == self.special.type
+        positive = logits > 0
+        heads = positive & text[:, :, None] & is_type[:, None, :]
+        tails = positive & is_type[:, :, None] & text[:, None, :]
+        has_head, has_tail = heads.any(-1), tails.any(-2)
+        spans = positive & (has_head[:, :, None] & has_tail[:, None, :]) & (idx[:, None] <= idx[None, :])
+        where = (heads | tails | spans).nonzero()
         score_t = self.score(logits[where[:, 0], where[:, 2], where[:, 1]])
         counts = torch.bincount(where[:, 0], minlength=n).cpu().tolist()
         pairs = where[:, 1:].to(torch.int32).cpu().numpy()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
@@ -68,12 +69,50 @@ class RexTokenizer:
         )
         self.vocab_size = self._single.get_vocab_size(with_added_tokens=True)
 
-    def count(self, text: str) -> int:
+        self.count = lru_cache(maxsize=65536)(self._count)
+        self._pieces = lru_cache(maxsize=8192)(self._encode_piece)
+
+    def _count(self, text: str) -> int:
         """Tokens of `text` plus one marker, as the reference counts hint parts (`len(ids) - 1`)."""
         return len(self._single.encode(text).ids) - 1
 
+    def _encode_piece(self, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+        enc = self._single.encode(text, add_special_tokens=False)
+        return tuple(enc.ids), tuple(enc.offsets)
+
     def windows(self, hint: str, text: str, classification: bool) -> list[Window]:
-        """All windows of one (hint, text) pair: stride 32 for extraction, 0 for classification."""
+        """All windows of one (hint, text) pair: stride 32 for extraction, 0 for classification.
+
+        Same result as the pair encoding with `truncation="only_second"`, `max_length`, `stride`
+        and overflowing tokens (`reference_windows`), but the hint and the text are tokenised
+        separately and cached, so a text is tokenised once per request rather than once per
+        hint chunk and level, and a hint once per distinct hint.
+        """
+        hint_ids, hint_offsets = self._pieces(hint)
+        text_ids, text_offsets = self._pieces(text)
+        cls, sep = self.special.cls, self.special.sep
+        head_ids = [cls, *hint_ids, sep]
+        head_offsets = [(0, 0), *hint_offsets, (0, 0)]
+        nh = len(head_ids)
+        room = self.max_len - 3 - len(hint_ids)
+        stride = 0 if classification else EXTRACTION_STRIDE
+        if len(text_ids) <= room:
+            spans = [(0, len(text_ids))]
+        else:
+            spans = []
+            for start in range(0, len(text_ids), room - stride):
+                stop = min(start + room, len(text_ids))
+                spans.append((start, stop))
+                if stop == len(text_ids):
+                    break
+        return [
+            Window(ids=head_ids + list(text_ids[a:b]) + [sep], offsets=head_offsets + list(text_offsets[a:b]) + [(0, 0)],
+                   num_hint_tokens=nh)
+            for a, b in spans
+        ]
+
+    def reference_windows(self, hint: str, text: str, classification: bool) -> list[Window]:
+        """The pair encoding with overflowing windows, exactly as the reference calls the tokenizer."""
         tok = self._classification if classification else self._extraction
         enc = tok.encode(hint, text)
         result = []

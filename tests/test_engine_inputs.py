@@ -1,0 +1,105 @@
+"""Input construction without the model: windows, hint packing, layout, batching, validation."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+
+from rex_stream.engine.batching import padding_share, plan_batches
+from rex_stream.engine.layout import attention_allowed, build_layout
+from rex_stream.engine.prompt import HINT_MAX_LEN, build_hints
+from rex_stream.engine.requests import Limits, RequestError, validate
+from rex_stream.engine.tokenizer import RexTokenizer
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model) -> RexTokenizer:
+    return RexTokenizer(tiny_model)
+
+
+def test_windows_equal_the_reference_pair_encoding(tok: RexTokenizer, golden_cases: list[dict]):
+    """Our cached split tokenisation gives exactly the overflowing pair windows of the reference call."""
+    rng = random.Random(7)
+    long_texts = ["".join(rng.choice("中国北京上海的了是在有人和年月日1234abc，。 ") for _ in range(n)) for n in (300, 700, 1500)]
+    checked = 0
+    for case in golden_cases[::3]:
+        for hint in build_hints({(): case["schema"]}, tok.count):
+            for text in (case["text"], *long_texts):
+                for cls in (False, True):
+                    assert tok.windows(hint.text, text, cls) == tok.reference_windows(hint.text, text, cls)
+                    checked += 1
+    assert checked > 500
+
+
+def test_windows_overlap_by_the_stride(tok: RexTokenizer):
+    text = "北京" * 600
+    windows = tok.windows("[PREFIX][TYPE]地点", text, classification=False)
+    assert len(windows) >= 3 and all(len(w.ids) <= 512 for w in windows)
+    first, second = windows[0], windows[1]
+    nh = first.num_hint_tokens
+    assert first.ids[-1 - 32:-1] == second.ids[nh:nh + 32]  # 32-token overlap for extraction
+    no_overlap = tok.windows("[PREFIX][TYPE]地点", text, classification=True)
+    assert no_overlap[0].offsets[-2][1] == no_overlap[1].offsets[nh][0]  # stride 0 for classification
+
+
+def test_hints_respect_the_token_limit_and_repeat_the_prefix_header(tok: RexTokenizer):
+    labels = {f"标签{i:03d}很长的类型名称": None for i in range(120)}
+    hints = build_hints({(): labels}, tok.count)
+    assert len(hints) > 1
+    for hint in hints:
+        assert hint.text.startswith("[PREFIX]")
+        assert len(tok.windows(hint.text, "", False)[0].ids) - 1 <= HINT_MAX_LEN  # [CLS] hint [SEP]
+    assert sum(len(h.slots) for h in hints) == 120
+    names = [slot[1] for h in hints for slot in h.slots]
+    assert names == sorted(labels)
+
+
+def test_over_long_type_names_are_skipped(tok: RexTokenizer):
+    hints = build_hints({(): {"长" * 130: None, "短": None}}, tok.count)
+    assert [slot[1] for h in hints for slot in h.slots] == ["短"]
+    assert build_hints({(): {"长" * 130: None}}, tok.count) == []
+
+
+def test_layout_matches_the_traces(tok: RexTokenizer, shared_dir):
+    with open(shared_dir / "rex" / "golden" / "traces.jsonl", encoding="utf-8") as fh:
+        traces = [json.loads(line) for line in fh]
+    for trace in traces:
+        for fw in trace["forwards"]:
+            pos, group, slot = build_layout(fw["input_ids"], tok.special)
+            assert pos.tolist() == fw["position_ids"]
+            expected = np.array([[c == "1" for c in row] for row in fw["attention_mask"]])
+            assert (attention_allowed(group, slot) == expected).all()
+
+
+def test_token_budget_batches():
+    lengths = [10, 500, 30, 30, 480, 12]
+    batches = plan_batches(lengths, max_tokens=1000)
+    assert sorted(i for b in batches for i in b) == list(range(6))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 1000 or len(b) == 1
+    assert batches[0] == [1, 4]  # longest first
+    assert 0 <= padding_share(lengths, batches) < 0.2
+    assert plan_batches([5] * 10, max_tokens=1000, max_batch=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+
+
+@pytest.mark.parametrize("text, schema, code", [
+    ("", {"a": None}, "empty_text"),
+    (None, {"a": None}, "bad_text"),
+    ("x", ["a"], "bad_schema"),
+    ("x", "{bad json", "bad_schema"),
+    ("x", {"a": {"b": {"c": {"d": {"e": {"f": {"g": None}}}}}}}, "schema_too_deep"),
+    ("x", {f"t{i}": None for i in range(1001)}, "schema_too_large"),
+    ("x" * 20_001, {"a": None}, "text_too_long"),
+    ("x", {"a": 3}, "bad_schema"),
+])
+def test_bad_requests_have_clear_errors(text, schema, code):
+    with pytest.raises(RequestError) as err:
+        validate(text, schema, Limits())
+    assert err.value.code == code and str(err.value)
+
+
+def test_empty_text_is_allowed_in_reference_mode():
+    assert validate("", {"a": None}, Limits(allow_empty_text=True)).text == ""
