@@ -44,7 +44,8 @@ def test_metrics_health_and_stats_on_a_real_run(kafka_broker, kafka_topics, tiny
     proc = start_worker(cfg, log)
     url = f"http://127.0.0.1:{port}"
     try:
-        assert len(read_all(kafka_broker.bootstrap, topics["output"], len(cases), timeout=120)) == len(cases)
+        got = read_all(kafka_broker.bootstrap, topics["output"], len(cases), timeout=180)
+        assert len(got) == len(cases), log.read_text()[-3000:]
         assert wait_for(lambda: health("--url", url, "--ready") == 0), "a healthy, assigned worker must be ready"
         assert health("--heartbeat-file", str(beat), "--max-age", "3") == 0
         body = urllib.request.urlopen(url + "/metrics", timeout=5).read().decode()

@@ -55,7 +55,7 @@ def test_results_dead_letters_and_commits(kafka_broker, kafka_topics, tiny_model
     assert code == 0, log.read_text()[-3000:]
 
     by_id = {v["id"]: (v, m) for v, m in zip(values(results), results)}
-    assert len(results) == len(cases) and set(by_id) == {c["id"] for c in cases}
+    assert len(results) == len(cases) and set(by_id) == {c["id"] for c in cases}, log.read_text()[-3000:]
     for i, c in enumerate(cases):
         value, msg = by_id[c["id"]]
         assert value["output"] == c["output"], c["id"]

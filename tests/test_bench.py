@@ -1,0 +1,82 @@
+"""`rex-stream bench` on CPU with the tiny model: all three paths, ratios, agreement, JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from rex_stream.bench.baselines import forward_flops, relative_rows
+from rex_stream.bench.workloads import TASKS, load_task, load_workload
+from rex_stream.engine.random_model import BASE_CONFIG
+from rex_stream.engine.weights import ModelConfig
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_forward_flops_base_config() -> None:
+    cfg = ModelConfig.from_dict(BASE_CONFIG)
+    flops = forward_flops(cfg, 128)
+    # perf.md section 4: ~25.5 GFLOP per 128-token forward (24.33 with only the reachable relative rows).
+    assert abs(flops - 25e9) / 25e9 < 0.15
+    assert abs(flops - 24.33e9) / 24.33e9 < 0.01
+    assert relative_rows(256, 128) == 255 and relative_rows(256, 512) == 512
+    # Quadratic terms grow faster than the dense ones.
+    assert forward_flops(cfg, 256) > 2 * flops
+
+
+def test_workloads_follow_the_dev_sets(shared_dir: Path) -> None:
+    ner = load_task("ner", shared_dir)
+    assert load_workload("ner", shared_dir, 250) == (ner * 3)[:250]
+    mix = load_workload("mix", shared_dir, 21)
+    for i, (text, schema) in enumerate(mix[:14]):
+        assert (text, schema) == load_task(TASKS[i % 7], shared_dir)[i // 7]
+    assert all(t.startswith("[CLASSIFY]") for t, _ in load_task("tc_single_label", shared_dir))
+    assert all(t.startswith("[MULTICLASSIFY]") for t, _ in load_task("tc_multi_label", shared_dir))
+    # The golden reference's "dev" cases are these records, text and schema unchanged.
+    records = {(t, json.dumps(s, sort_keys=True, ensure_ascii=False)) for task in TASKS for t, s in load_task(task, shared_dir)}
+    with open(shared_dir / "rex" / "golden" / "public.jsonl", encoding="utf-8") as fh:
+        dev = [case for case in map(json.loads, fh) if case["family"] == "dev"]
+    assert dev and all((c["text"], json.dumps(c["schema"], sort_keys=True, ensure_ascii=False)) in records for c in dev)
+
+
+def test_bench_cpu_tiny(shared_dir: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rex_stream.cli import main
+
+    monkeypatch.setenv("REX_SHARED", str(shared_dir))
+    out = tmp_path / "results"
+    rc = main(["bench", "--workload", "mix", "--model", str(tiny_model), "--device", "cpu", "--messages", "60",
+               "--baseline-a-messages", "10", "--budgets", "2048,8192", "--out", str(out),
+               "--warmup-messages", "2", "--agreement-messages", "30"])
+    assert rc == 0
+    (json_path,) = out.glob("mix-*.json")
+    (png_path,) = out.glob("mix-*.png")
+    assert png_path.stem == json_path.stem
+    assert png_path.read_bytes()[:8] == PNG_MAGIC
+    result = json.loads(json_path.read_text(encoding="utf-8"))
+    assert result["complete"] and result["workload"] == "mix" and result["messages"] == 60
+    assert result["device"]["type"] == "cpu" and result["device"]["torch"]
+    paths = result["paths"]
+    a, b, engines = paths["reference_style"], paths["competent_user"], paths["engine"]
+    assert a["subset"] and a["messages"] == 10 and a["batch"] == 1 and a["dtype"] == "fp32"
+    assert b["batch"] == 32 and b["messages"] == 60
+    assert [e["budget"] for e in engines] == [2048, 8192]
+    for row in [a, b, *engines]:
+        for key in ("messages_per_s", "forwards_per_s", "real_tokens_per_s", "mfu", "forwards_per_message"):
+            assert row[key] > 0, (row["path"], key)
+        assert 0 <= row["padding_share"] < 1
+        assert row["batch_latency_ms"]["p50"] > 0 and row["batch_latency_ms"]["p99"] >= row["batch_latency_ms"]["p50"]
+    assert a["padding_share"] == 0
+    # Same forwards whatever the batching (fp32 everywhere on CPU).
+    assert b["forwards"] == engines[0]["forwards"] == engines[1]["forwards"]
+    ratios = result["ratios"]
+    for key in ("engine_vs_reference_style", "engine_vs_competent_user"):
+        assert ratios[key] > 0
+    assert set(ratios["engine_vs_competent_user_by_budget"]) == {"2048", "8192"}
+    agree = result["agreement"]
+    shares = [agree["reference_style"]["share"], agree["competent_user"]["share"],
+              *(agree["engine"][k]["share"] for k in ("2048", "8192"))]
+    assert all(0 <= s <= 1 for s in shares)
+    assert agree["competent_user"]["messages"] == 30 and agree["reference_style"]["messages"] == 10
+    assert result["peak"]["flops_per_s"] > 0
