@@ -83,7 +83,8 @@ def _run_chunk(engine: Engine, chunk: list[Line]) -> Iterator[dict]:
 def main(args: Any) -> int:
     default_schema = parse_schema(args.schema) if args.schema else None
     engine = Engine(args.model, device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens,
-                    limits=args.limits, cls_score=args.cls_score)
+                    limits=args.limits, cls_score=args.cls_score, attention=args.attention,
+                    compile_encoder=args.compile)
     source: IO[str] = sys.stdin if args.input == "-" else open(args.input, encoding="utf-8")
     sink: IO[bytes] = sys.stdout.buffer if args.output == "-" else open(args.output, "wb")
     try:

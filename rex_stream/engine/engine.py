@@ -47,7 +47,7 @@ class Engine:
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "fp32", batch_tokens: int = 16384,
                  max_batch: int = 512, limits: Limits = Limits(), cache_dir: str | None = None,
-                 cls_score: str = "logit") -> None:
+                 cls_score: str = "logit", attention: str = "sdpa", compile_encoder: bool = False) -> None:
         self.model_dir = resolve_model_dir(str(model), cache_dir)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -55,6 +55,9 @@ class Engine:
             torch.backends.cudnn.allow_tf32 = False
         self.tokenizer = RexTokenizer(self.model_dir)
         net, self.config = load_model(self.model_dir, device=str(self.device))
+        net.set_attention(attention)  # falls back to the exact SDPA path if the fused one fails its self-check
+        if compile_encoder:
+            net.compile_encoder()
         self.runner = ForwardRunner(net, self.tokenizer.special, self.device, dtype, cls_score)
         self.dtype = dtype
         self.batch_tokens = batch_tokens

@@ -84,14 +84,20 @@ class ForwardRunner:
 
     @torch.inference_mode()
     def logits(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        """fp32 logits [B, L, L] of one padded batch."""
+        """fp32 logits [B, L, L] of one padded batch.
+
+        The dense L×L prompt-isolation mask is expanded here only for the SDPA path; the fused
+        (flex) path builds its block mask from the per-token group/slot vectors itself.
+        """
         g, s, valid = t["group"], t["slot"], t["valid"]
-        gi, gj = g[:, :, None], g[:, None, :]
-        si, sj = s[:, :, None], s[:, None, :]
-        blocked = ((gi >= 0) & (gj >= 0) & (gi != gj)) | ((gi >= 0) & (gi == gj) & (si >= 0) & (sj >= 0) & (si != sj))
-        mask = ~blocked & valid[:, :, None] & valid[:, None, :]
+        mask = None
+        if self.model.attention != "flex":
+            gi, gj = g[:, :, None], g[:, None, :]
+            si, sj = s[:, :, None], s[:, None, :]
+            blocked = ((gi >= 0) & (gj >= 0) & (gi != gj)) | ((gi >= 0) & (gi == gj) & (si >= 0) & (sj >= 0) & (si != sj))
+            mask = ~blocked & valid[:, :, None] & valid[:, None, :]
         with self._autocast():
-            return self.model(t["ids"], t["pos"], mask, valid).float()
+            return self.model(t["ids"], t["pos"], mask, valid, group=g, slot=s).float()
 
     @torch.inference_mode()
     def run(self, forwards: Sequence[Forward]) -> list[Links]:
