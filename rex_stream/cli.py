@@ -17,6 +17,9 @@ def _engine_flags(p: argparse.ArgumentParser, device: str = "cpu", dtype: str = 
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per device batch")
     p.add_argument("--cls-score", default="logit", choices=["logit", "sigmoid"],
                    help="classification confidence: logit (golden data) or sigmoid (shipped code)")
+    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flex"],
+                   help="sdpa: exact reference numerics; flex: fused kernel (GPU), self-checked against sdpa")
+    p.add_argument("--compile", action="store_true", help="torch.compile the encoder (self-checked, falls back)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,13 +81,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", type=Path, default=None)
 
     p = sub.add_parser("bench", help="throughput benchmark against baselines, on one device")
-    p.add_argument("--workload", choices=["ner", "re", "mix"], default="ner")
+    p.add_argument("--workload", default="ner",
+                   help="ner, re or mix; a comma-separated list runs several in one process (one JSON each)")
     p.add_argument("--model", default=None, help="model directory (default: a random base-size model)")
     p.add_argument("--device", default="cuda")
-    p.add_argument("--messages", type=int, default=20_000)
+    p.add_argument("--messages", default="20000",
+                   help="messages per workload; a comma-separated list gives one count per --workload entry")
     p.add_argument("--baseline-a-messages", type=int, default=200)
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--budgets", default="8192,16384,32768,65536")
+    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                   help="engine dtype (default: bf16 on CUDA, fp32 on CPU); baselines are fixed")
+    p.add_argument("--warmup-messages", type=int, default=64, help="untimed warm-up pass per path")
+    p.add_argument("--agreement-messages", type=int, default=500, help="messages compared with the fp32 engine")
+    p.add_argument("--batch", type=int, default=32, help="baseline (b) batch size")
+    p.add_argument("--engine-kwargs", default=None, help='JSON of extra Engine(...) arguments for path (c)')
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     return parser
 
 

@@ -35,21 +35,27 @@ def test_workloads_follow_the_dev_sets(shared_dir: Path) -> None:
     assert all(t.startswith("[CLASSIFY]") for t, _ in load_task("tc_single_label", shared_dir))
     assert all(t.startswith("[MULTICLASSIFY]") for t, _ in load_task("tc_multi_label", shared_dir))
     # The golden reference's "dev" cases are these records, text and schema unchanged.
-    records = {(t, json.dumps(s, sort_keys=True, ensure_ascii=False)) for task in TASKS for t, s in load_task(task, shared_dir)}
+    records = {(t, json.dumps(s, sort_keys=True, ensure_ascii=False))
+               for task in TASKS for t, s in load_task(task, shared_dir)}
     with open(shared_dir / "rex" / "golden" / "public.jsonl", encoding="utf-8") as fh:
         dev = [case for case in map(json.loads, fh) if case["family"] == "dev"]
     assert dev and all((c["text"], json.dumps(c["schema"], sort_keys=True, ensure_ascii=False)) in records for c in dev)
 
 
 def test_bench_cpu_tiny(shared_dir: Path, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
     from rex_stream.cli import main
 
+    threads = torch.get_num_threads()
     monkeypatch.setenv("REX_SHARED", str(shared_dir))
     out = tmp_path / "results"
+    # One torch thread: on a shared 2-core box two OpenMP threads thrash; one keeps this ~50 s.
     rc = main(["bench", "--workload", "mix", "--model", str(tiny_model), "--device", "cpu", "--messages", "60",
                "--baseline-a-messages", "10", "--budgets", "2048,8192", "--out", str(out),
-               "--warmup-messages", "2", "--agreement-messages", "30"])
+               "--warmup-messages", "2", "--agreement-messages", "30", "--threads", "1"])
     assert rc == 0
+    assert torch.get_num_threads() == threads  # --threads is undone on return
     (json_path,) = out.glob("mix-*.json")
     (png_path,) = out.glob("mix-*.png")
     assert png_path.stem == json_path.stem

@@ -119,6 +119,26 @@ def test_reduced_precision_is_finite_with_padding(tiny: RexModel, dtype: torch.d
         assert len(got ^ set(map(tuple, f["positive"]))) <= 0.02 * n * n
 
 
+def test_layout_vectors_select_the_same_default_path(tiny: RexModel) -> None:
+    """forward(..., attention_mask=None, group=, slot=) builds the dense mask itself: bit-identical."""
+    from rex_stream.engine.layout import build_layout
+    from rex_stream.engine.tokenizer import RexTokenizer
+
+    special = RexTokenizer(TINY).special
+    forwards = [f for _, f in FORWARDS[:6]]
+    ids, pos, mask, valid = _padded_batch(forwards)
+    group = torch.full_like(ids, -1)
+    slot = torch.full_like(ids, -1)
+    for b, f in enumerate(forwards):
+        _, g, s = build_layout(f["input_ids"], special)
+        group[b, : len(g)], slot[b, : len(s)] = torch.from_numpy(g), torch.from_numpy(s)
+    assert tiny.attention == "sdpa"
+    with torch.no_grad():
+        dense = tiny(ids, pos, mask, valid)
+        assert torch.equal(tiny(ids, pos, None, valid, group=group, slot=slot), dense)
+        assert torch.equal(tiny(ids, pos, mask, valid, group=group, slot=slot), dense)
+
+
 def test_relative_cache_follows_dtype(tiny: RexModel) -> None:
     model = load_model(TINY)[0]
     assert list(model._rel_cache) == [(torch.device("cpu"), torch.float32)]

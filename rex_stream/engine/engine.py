@@ -46,7 +46,7 @@ class Engine:
     """Loads a RexUniNLU model once and answers batches of requests."""
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "fp32", batch_tokens: int = 16384,
-                 max_batch: int = 512, limits: Limits = Limits(), cache_dir: str | None = None,
+                 max_batch: int = 4096, limits: Limits = Limits(), cache_dir: str | None = None,
                  cls_score: str = "logit", attention: str = "sdpa", compile_encoder: bool = False) -> None:
         self.model_dir = resolve_model_dir(str(model), cache_dir)
         self.device = torch.device(device)

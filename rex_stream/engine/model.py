@@ -10,10 +10,17 @@ Deviations from the reference that do not change single-request results:
 * relative-position projections are cached (they do not depend on the input);
 * only the relative-embedding rows a sequence of length L can reach are used. This relies on
   ``0 <= position_ids < L``, which Rex inputs satisfy (a token's position never exceeds its index).
+
+Optional fast paths, off by default (the default is the exact SDPA path the golden tests pin):
+``set_attention("flex")`` (FlexAttention, see ``fast_attention``) and ``compile_encoder()``
+(``torch.compile``). Each is self-checked against the SDPA path on its first batch per (device
+type, dtype) and falls back to it, with one logged warning, on any error or mismatch;
+``fast_path_status()`` reports what ran. The span head and rotary angles always run in fp32.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rex_stream.engine import fast_attention
+
 if TYPE_CHECKING:
     from rex_stream.engine.weights import ModelConfig
 
@@ -29,6 +38,29 @@ if TYPE_CHECKING:
 ADDED_TOKENS = 4
 
 _RelCache = list[tuple[torch.Tensor, torch.Tensor]]
+
+log = logging.getLogger(__name__)
+
+ATTENTION_MODES = ("sdpa", "flex")
+
+# Self-check: max |fast - sdpa| over valid tokens' hidden states, relative to max |sdpa|. Measured on
+# CPU: fp32 ~5e-7, bf16 ~5e-3 (two kernels' rounding); a wrong bias index or a missing bias gives ~0.3.
+SELF_CHECK_TOL = {torch.float64: 1e-4, torch.float32: 1e-3, torch.bfloat16: 0.08, torch.float16: 0.08}
+SELF_CHECK_TOL_TF32 = 2e-2  # fp32 on CUDA with TF32 matmuls enabled
+_WARNED: set[str] = set()
+
+
+class FastPathMismatch(RuntimeError):
+    """A fast path's self-check disagreed with the SDPA path."""
+
+
+def _relative_error(out: torch.Tensor, ref: torch.Tensor, token_mask: torch.Tensor) -> float:
+    keep = token_mask.bool().unsqueeze(-1)
+    out, ref = out.double(), ref.double()
+    diff = torch.where(keep, out - ref, 0).abs().max()
+    if not torch.isfinite(torch.where(keep, out, 0)).all():
+        return math.inf
+    return float(diff / torch.where(keep, ref, 0).abs().max().clamp_min(1e-6))
 
 
 class _DenseLayerNorm(nn.Module):
@@ -73,27 +105,50 @@ class _Layer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        rel_index: torch.Tensor,
         pos_q: torch.Tensor,
         pos_k: torch.Tensor,
-        allowed: torch.Tensor,
-        row_alive: torch.Tensor,
-        scale: float,
+        attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
+        """``attend(q, k, v, pos_q, pos_k)`` returns the [B, H, L, D] context, dead rows already zero."""
         proj = self.attention["self"]
         q = self._split(proj["query_proj"](x))
         k = self._split(proj["key_proj"](x))
         v = self._split(proj["value_proj"](x))
+        ctx = attend(q, k, v, pos_q, pos_k).transpose(1, 2).flatten(2)
+        attn = self.attention["output"](ctx, x)
+        return self.output(F.gelu(self.intermediate["dense"](attn)), attn)
+
+
+def _sdpa_attend(
+    rel_index: torch.Tensor, allowed: torch.Tensor, row_alive: torch.Tensor, scale: float
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The exact default path: gathered c2p/p2c bias as a dense additive SDPA mask."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
         # c2p[i, j] = q_i . posK[d_ij];  p2c[i, j] = k_j . posQ[d_ij]  (pos tables are pre-scaled)
-        index = rel_index.unsqueeze(1).expand(-1, self.heads, -1, -1)
+        index = rel_index.unsqueeze(1).expand(-1, q.shape[1], -1, -1)
         c2p = torch.gather(q @ pos_k.transpose(-1, -2), -1, index)
         p2c = torch.gather(k @ pos_q.transpose(-1, -2), -1, index.transpose(-1, -2)).transpose(-1, -2)
         bias = (c2p + p2c).masked_fill(~allowed, float("-inf"))
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         # A row with no allowed key gets zero context (the reference's masked softmax does the same).
-        ctx = (ctx * row_alive).transpose(1, 2).flatten(2)
-        attn = self.attention["output"](ctx, x)
-        return self.output(F.gelu(self.intermediate["dense"](attn)), attn)
+        return ctx * row_alive
+
+    return attend
+
+
+def _flex_attend(
+    pos: torch.Tensor, offset: int, block_mask: Any, row_alive: torch.Tensor, scale: float,
+    kernel: Callable[..., torch.Tensor],
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """FlexAttention with the c2p/p2c bias in score_mod and prompt isolation in the BlockMask."""
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
+        ctx = fast_attention.flex_context(q, k, v, pos_q, pos_k, pos, offset, block_mask, scale, kernel)
+        # flex_attention already returns 0 for fully masked rows; where() also stops a NaN.
+        return torch.where(row_alive, ctx, 0)
+
+    return attend
 
 
 class _Encoder(nn.Module):
@@ -154,6 +209,15 @@ class RexModel(nn.Module):
         self._scale = 1.0 / math.sqrt(head_dim * 3)  # content + c2p + p2c
         self._rel_cache: dict[tuple[torch.device, torch.dtype], _RelCache] = {}
         self.register_load_state_dict_post_hook(lambda module, _keys: module.clear_cache())
+        # Optional fast paths (set_attention / compile_encoder); the defaults are the exact SDPA path.
+        self._attention = "sdpa"
+        self._flex_kernel: fast_attention.FlexKernel | None = None
+        self._flex_error: str | None = None
+        self._self_check = True
+        self._compiled: Callable[..., torch.Tensor] | None = None
+        self._compile_errors: dict[bool, str] = {}
+        self._compile_options: tuple[Any, ...] = ()
+        self._checks: dict[tuple[str, ...], float] = {}
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> RexModel:
@@ -187,51 +251,222 @@ class RexModel(nn.Module):
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         token_mask: torch.Tensor,
+        *,
+        group: torch.Tensor | None = None,
+        slot: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Link logits [B, L, L], fp32 (fp64 for an fp64 model); padding rows/columns are meaningless."""
-        hidden = self.encode(input_ids, position_ids, attention_mask, token_mask)
+        """Link logits [B, L, L], fp32 (fp64 for an fp64 model); padding rows/columns are meaningless.
+
+        ``attention_mask`` [B, L, L] (bool) is the prompt-isolation pattern; it may be None when the
+        per-token ``group``/``slot`` vectors ([B, L] long, as from ``layout.build_layout``, padding
+        -1) are given, and the flex path ignores it whenever they are given.
+        """
+        hidden = self.encode(input_ids, position_ids, attention_mask, token_mask, group=group, slot=slot)
         return self.link_logits(hidden, position_ids)
+
+    # ------------------------------------------------------------------ fast-path selection
+
+    def set_attention(
+        self, mode: str = "sdpa", *, compile: bool | None = None, dynamic: bool | None = True, self_check: bool = True
+    ) -> str:
+        """Choose the encoder attention: "sdpa" (default, exact reference path) or "flex".
+
+        flex: FlexAttention with the disentangled bias in ``score_mod`` and prompt isolation in a
+        BlockMask. ``compile`` (None: on CUDA only) wraps flex_attention in ``torch.compile(...,
+        dynamic=dynamic)``; eager flex is an unfused reference, slow on GPUs. With ``self_check``, the
+        first flex forward per (device type, dtype) is compared against the SDPA path on the same
+        batch. Any failure (unavailable, exception, self-check mismatch) logs one warning and
+        permanently falls back to SDPA for this model, until ``set_attention`` is called again.
+        Returns the mode now in effect.
+        """
+        if mode not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, not {mode!r}")
+        self._attention = mode
+        self._flex_error = None
+        self._self_check = self_check
+        self._checks = {key: err for key, err in self._checks.items() if "flex" not in key}
+        if mode == "flex":
+            reason = fast_attention.flex_unavailable_reason()
+            if reason is not None:
+                self._flex_failed(reason)
+            elif self._flex_kernel is None or (self._flex_kernel.compile, self._flex_kernel.dynamic) != (compile, dynamic):
+                self._flex_kernel = fast_attention.FlexKernel(compile=compile, dynamic=dynamic)  # else: keep its kernels
+        return self.attention
+
+    @property
+    def attention(self) -> str:
+        """The attention path forwards use now ("flex" only while it has not failed)."""
+        return "flex" if self._attention == "flex" and self._flex_error is None else "sdpa"
+
+    def compile_encoder(
+        self, mode: str | None = None, *, dynamic: bool | None = True, fullgraph: bool = False, enabled: bool = True
+    ) -> bool:
+        """``torch.compile`` the encoder (embeddings .. last layer; the fp32 head stays eager).
+
+        ``dynamic=True`` (default) compiles shape-polymorphic graphs so ragged batch widths do not
+        recompile per length; ``mode`` is passed through ("reduce-overhead", "max-autotune", ...).
+        Guarded: a compile/run error or a failed self-check against the eager SDPA path on the first
+        call per (attention, device type, dtype) logs one warning and falls back to eager for that
+        attention path. ``enabled=False`` removes the compiled encoder. Returns whether it is set.
+        """
+        options = (mode, dynamic, fullgraph)
+        if enabled and self._compiled is not None and self._compile_options == options:
+            return True  # already compiled this way: keep its graphs
+        self._compiled = None
+        self._compile_options = options
+        self._compile_errors = {}
+        self._checks = {key: err for key, err in self._checks.items() if key[0] != "compile"}
+        if not enabled:
+            return False
+        try:
+            self._compiled = torch.compile(self._encode_core, mode=mode, dynamic=dynamic, fullgraph=fullgraph)
+        except Exception as exc:  # noqa: BLE001 - e.g. an unknown mode, or no dynamo on this Python
+            self._warn_once(f"torch.compile of the encoder unavailable, staying eager: {type(exc).__name__}: {exc}")
+            return False
+        return True
+
+    def fast_path_status(self) -> dict[str, Any]:
+        """What the last forwards could use, the fallbacks taken and the self-check errors seen."""
+        kernel = self._flex_kernel
+        return {
+            "attention_requested": self._attention,
+            "attention_active": self.attention,
+            "flex_error": self._flex_error,
+            "flex_compile": None if kernel is None else ("cuda-only" if kernel.compile is None else kernel.compile),
+            "flex_dynamic": None if kernel is None else kernel.dynamic,
+            "compiled_encoder": self._compiled is not None,
+            "compile_errors": {("flex" if flex else "sdpa"): err for flex, err in self._compile_errors.items()},
+            "self_checks": {"/".join(map(str, key)): err for key, err in self._checks.items()},
+        }
+
+    def _warn_once(self, message: str) -> None:
+        if message not in _WARNED:
+            _WARNED.add(message)
+            log.warning("%s", message)
+
+    def _flex_failed(self, error: BaseException | str) -> None:
+        reason = error if isinstance(error, str) else f"{type(error).__name__}: {str(error)[:2000]}"
+        self._flex_error = reason
+        self._warn_once(f"flex attention disabled, falling back to sdpa: {reason}")
+
+    def _check(
+        self, path: tuple[str, ...], out: torch.Tensor, args: tuple[Any, ...], compute_dtype: torch.dtype
+    ) -> None:
+        """Once per (path, device type, dtype): compare a fast path's hidden states with eager SDPA."""
+        key = (*path, args[0].device.type, str(compute_dtype).removeprefix("torch."))
+        if not self._self_check or key in self._checks:
+            return
+        with torch.no_grad():
+            ref = self._encode_core(*args, flex=False)
+        err = _relative_error(out, ref, args[3])
+        self._checks[key] = err
+        tol = SELF_CHECK_TOL.get(compute_dtype, SELF_CHECK_TOL[torch.float16])
+        if compute_dtype == torch.float32 and args[0].device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+            tol = SELF_CHECK_TOL_TF32
+        if not err <= tol:  # also catches NaN
+            raise FastPathMismatch(f"self-check {'/'.join(key)}: relative hidden error {err:.3g} > {tol:g}")
+        log.info("fast path %s passed its self-check: relative hidden error %.3g", "/".join(key), err)
+
+    def _run(self, args: tuple[Any, ...], flex: bool, compute_dtype: torch.dtype) -> torch.Tensor:
+        if self._compiled is not None and flex not in self._compile_errors:
+            try:
+                out = self._compiled(*args, flex=flex)
+                self._check(("compile", "flex" if flex else "sdpa"), out, args, compute_dtype)
+                return out
+            except Exception as exc:  # noqa: BLE001 - any compile/run failure: fall back to eager
+                reason = f"{type(exc).__name__}: {str(exc)[:2000]}"
+                self._compile_errors[flex] = reason
+                self._warn_once(f"compiled encoder ({'flex' if flex else 'sdpa'}) failed, running eager: {reason}")
+        out = self._encode_core(*args, flex=flex)
+        if flex:
+            self._check(("flex",), out, args, compute_dtype)
+        return out
+
+    # ------------------------------------------------------------------ encoder
 
     def encode(
         self,
         input_ids: torch.Tensor,
         position_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
+        attention_mask: torch.Tensor | None,
         token_mask: torch.Tensor,
+        *,
+        group: torch.Tensor | None = None,
+        slot: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Backbone hidden states [B, L, hidden] (autocast dtype or the weights' dtype)."""
+        if attention_mask is None and (group is None or slot is None):
+            raise ValueError("pass attention_mask, or both group and slot")
         device = input_ids.device
         compute_dtype = (
             torch.get_autocast_dtype(device.type)
             if torch.is_autocast_enabled(device.type)
             else self.ffnq.weight.dtype
         )
-        tables = self._relative_tables(device, compute_dtype)
+        args = (input_ids, position_ids, attention_mask, token_mask, group, slot,
+                self._relative_tables(device, compute_dtype))
+        while self.attention == "flex":
+            try:
+                return self._run(args, True, compute_dtype)
+            except Exception as exc:  # noqa: BLE001 - any flex failure: degrade, then fall back to SDPA
+                if self._flex_kernel is not None and self._flex_kernel.degrade(device):
+                    self._warn_once(f"dynamic-shape flex kernel failed, retrying with static shapes: "
+                                    f"{type(exc).__name__}: {str(exc)[:2000]}")
+                    self._checks = {k: e for k, e in self._checks.items() if k[0] != "flex"}
+                else:
+                    self._flex_failed(exc)
+        return self._run(args, False, compute_dtype)
+
+    def _encode_core(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_mask: torch.Tensor,
+        group: torch.Tensor | None,
+        slot: torch.Tensor | None,
+        tables: _RelCache,
+        flex: bool = False,
+    ) -> torch.Tensor:
+        device = input_ids.device
         length = input_ids.shape[1]
-
-        allowed = attention_mask.bool() & token_mask[:, None, :] & token_mask[:, :, None]
-        row_alive = allowed.any(-1)
-        col_alive = allowed.any(-2).unsqueeze(-1)
-        # A row with nothing to attend (padding) attends to itself instead, so no softmax row is all
-        # -inf (NaN would leak through 0 * NaN in later layers); its output is zeroed afterwards.
-        eye = torch.eye(length, dtype=torch.bool, device=device)
-        allowed = (allowed | (eye & ~row_alive.unsqueeze(-1))).unsqueeze(1)
-        row_alive = row_alive[:, None, :, None]
-
         # Relative distance d_ij = clamp(pos_i - pos_j + S, 0, 2S-1), shifted to the reachable rows.
         span = self.cfg.position_buckets
         lo, hi = max(0, span - length + 1), min(2 * span, span + length)
-        rel = position_ids[:, :, None] - position_ids[:, None, :]
-        rel_index = (rel + span).clamp(lo, hi - 1) - lo
+
+        if flex and group is not None and slot is not None:
+            # Every valid token may attend itself, so live rows/columns are exactly the valid tokens.
+            valid = token_mask.bool()
+            block_mask = fast_attention.layout_block_mask(group, slot, valid)
+            col_alive = valid.unsqueeze(-1)
+            attend = _flex_attend(position_ids, span - lo, block_mask, valid[:, None, :, None],
+                                  self._scale, self._flex_kernel(device))
+        else:
+            if attention_mask is None:
+                attention_mask = fast_attention.layout_allowed(group, slot, token_mask)
+            allowed = attention_mask.bool() & token_mask[:, None, :] & token_mask[:, :, None]
+            row_alive = allowed.any(-1)
+            col_alive = allowed.any(-2).unsqueeze(-1)
+            if flex:
+                attend = _flex_attend(position_ids, span - lo, fast_attention.dense_block_mask(allowed),
+                                      row_alive[:, None, :, None], self._scale, self._flex_kernel(device))
+            else:
+                # A row with nothing to attend (padding) attends to itself instead, so no softmax row is
+                # all -inf (NaN would leak through 0 * NaN in later layers); its output is zeroed afterwards.
+                eye = torch.eye(length, dtype=torch.bool, device=device)
+                allowed = (allowed | (eye & ~row_alive.unsqueeze(-1))).unsqueeze(1)
+                rel = position_ids[:, :, None] - position_ids[:, None, :]
+                rel_index = (rel + span).clamp(lo, hi - 1) - lo
+                attend = _sdpa_attend(rel_index, allowed, row_alive[:, None, :, None], self._scale)
 
         emb = self.plm.embeddings
         x = emb["LayerNorm"](emb["word_embeddings"](input_ids)) * token_mask.unsqueeze(-1)
         embedded = x
         for i, layer in enumerate(self.plm.encoder.layer):
             pos_q, pos_k = tables[i]
-            x = layer(x, rel_index, pos_q[:, lo:hi], pos_k[:, lo:hi], allowed, row_alive, self._scale)
+            x = layer(x, pos_q[:, lo:hi], pos_k[:, lo:hi], attend)
             if i == 0:
                 x = self._conv(embedded, x, col_alive)
         return x
