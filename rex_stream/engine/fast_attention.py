@@ -128,11 +128,20 @@ class FlexKernel:
         return self._compiled
 
 
+# Smaller tiles and one pipeline stage: with the bias tables the score_mod reads, the default
+# tiles need more shared memory than an H100 has (249,856 > 232,448 bytes, seen on the card).
+CUDA_KERNEL_OPTIONS = {"BLOCK_M": 64, "BLOCK_N": 64, "num_stages": 1}
+
+
 def _flex_dynamic(*args: Any, **kwargs: Any) -> torch.Tensor:
+    if args and args[0].is_cuda:
+        kwargs.setdefault("kernel_options", CUDA_KERNEL_OPTIONS)
     return flex_attention(*args, **kwargs)
 
 
 def _flex_static(*args: Any, **kwargs: Any) -> torch.Tensor:
+    if args and args[0].is_cuda:
+        kwargs.setdefault("kernel_options", CUDA_KERNEL_OPTIONS)
     return flex_attention(*args, **kwargs)
 
 
