@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--delivery", choices=["at-least-once", "exactly-once"])
     p.add_argument("--gpus", help="all, N, or a list like 0,2: one worker process per GPU")
     p.add_argument("--workers", type=int, help="number of worker processes (CPU devices)")
+    p.add_argument("--workers-per-gpu", type=int, default=1,
+                   help="worker processes per selected GPU (spreads per-message CPU work over more cores)")
 
     p = sub.add_parser("produce", help="send JSON Lines or text lines to a topic")
     p.add_argument("--bootstrap-servers", help="default: the config file's, or 127.0.0.1:9092")

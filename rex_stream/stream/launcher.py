@@ -37,10 +37,10 @@ def _child_argv() -> list[str]:
         if skip:
             skip = False
             continue
-        if arg in ("--gpus", "--workers"):
+        if arg in ("--gpus", "--workers", "--workers-per-gpu"):
             skip = True
             continue
-        if arg.startswith(("--gpus=", "--workers=")):
+        if arg.startswith(("--gpus=", "--workers=", "--workers-per-gpu=")):
             continue
         argv.append(arg)
     return [sys.executable, "-m", "rex_stream.cli", *argv]
@@ -53,7 +53,7 @@ def main(args: Any) -> int:
         if args.gpus:
             import torch
 
-            devices = parse_gpus(args.gpus, torch.cuda.device_count())
+            devices = parse_gpus(args.gpus, torch.cuda.device_count()) * max(1, args.workers_per_gpu)
             envs = [child_env(settings, i) | {"CUDA_VISIBLE_DEVICES": str(g), "REX_MODEL__DEVICE": "cuda"}
                     for i, g in enumerate(devices)]
         else:
