@@ -263,8 +263,11 @@ class Worker:
             if is_fatal(exc):
                 raise FatalKafkaError(str(exc)) from exc
             self._commit_failed(exc)
-            if is_abortable(exc):
+            try:  # abortable or not, an open transaction must end before the next one begins
                 p.abort_transaction(timeout)
+            except KafkaException as abort_exc:
+                if is_fatal(abort_exc) or not is_abortable(exc):
+                    raise FatalKafkaError(f"cannot abort after {exc}: {abort_exc}") from abort_exc
             self._rewind()
 
     def _commit_failed(self, exc: Exception) -> None:
