@@ -19,7 +19,7 @@ from .batching import plan_batches
 from .decode import Links
 from .recursion import Forward, Solver, solve
 from .requests import Limits, RequestError, validate
-from .runner import ForwardRunner
+from .runner import DTYPES, ForwardRunner
 from .tokenizer import RexTokenizer
 from .weights import load_model, resolve_model_dir
 
@@ -56,6 +56,8 @@ class Engine:
         self.tokenizer = RexTokenizer(self.model_dir)
         net, self.config = load_model(self.model_dir, device=str(self.device))
         net.set_attention(attention)  # falls back to the exact SDPA path if the fused one fails its self-check
+        if dtype != "fp32":
+            net.store_matmul_weights(DTYPES[dtype])  # same numbers as autocast's per-call casts, once
         if compile_encoder:
             net.compile_encoder()
         self.runner = ForwardRunner(net, self.tokenizer.special, self.device, dtype, cls_score)
