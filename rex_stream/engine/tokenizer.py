@@ -55,13 +55,11 @@ class RexTokenizer:
         vocab_file = model_dir / "vocab.txt"
         if not vocab_file.is_file():
             raise FileNotFoundError(f"{vocab_file} not found: a RexUniNLU model directory needs vocab.txt")
-        settings = _tokenizer_settings(model_dir)
+        self._vocab_file = vocab_file
+        self._settings = _tokenizer_settings(model_dir)
         self.max_len = max_len
-        self._single = _build(vocab_file, settings)
-        self._extraction = _build(vocab_file, settings)
-        self._extraction.enable_truncation(max_len, stride=EXTRACTION_STRIDE, strategy="only_second")
-        self._classification = _build(vocab_file, settings)
-        self._classification.enable_truncation(max_len, stride=0, strategy="only_second")
+        self._single = _build(vocab_file, self._settings)
+        self._pair_tokenizers: dict[int, Tokenizer] = {}  # stride → truncating pair tokenizer (oracle only)
         tid = self._single.token_to_id
         self.special = SpecialIds(
             cls=tid("[CLS]"), sep=tid("[SEP]"), pad=tid("[PAD]"), prefix=tid(PREFIX_TOKEN),
@@ -113,7 +111,12 @@ class RexTokenizer:
 
     def reference_windows(self, hint: str, text: str, classification: bool) -> list[Window]:
         """The pair encoding with overflowing windows, exactly as the reference calls the tokenizer."""
-        tok = self._classification if classification else self._extraction
+        stride = 0 if classification else EXTRACTION_STRIDE
+        tok = self._pair_tokenizers.get(stride)
+        if tok is None:
+            tok = _build(self._vocab_file, self._settings)
+            tok.enable_truncation(self.max_len, stride=stride, strategy="only_second")
+            self._pair_tokenizers[stride] = tok
         enc = tok.encode(hint, text)
         result = []
         for part in [enc, *enc.overflowing]:
