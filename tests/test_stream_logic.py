@@ -108,9 +108,9 @@ def test_decode_rejects_with_a_stable_code(value, code):
 def test_decode_accepts_json_and_plain_text():
     limits = LimitSettings()
     job = decode(_src(orjson.dumps({"text": "abc", "schema": '{"a": null}', "meta": {"m": 1}})), limits, Limits(), None)
-    assert (job.id, job.text, job.schema, job.meta) == ("in-2-41", "abc", {"a": None}, {"m": 1})
+    assert (job.id, job.request.text, job.request.schema, job.meta) == ("in-2-41", "abc", {"a": None}, {"m": 1})
     plain = decode(_src("纯文本".encode()), limits, Limits(), {"人物": None})
-    assert plain.text == "纯文本" and plain.schema == {"人物": None}
+    assert plain.request.text == "纯文本" and plain.request.schema == {"人物": None}
 
 
 def test_dead_letter_keeps_original_bytes_and_says_why():

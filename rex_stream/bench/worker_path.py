@@ -48,19 +48,21 @@ def run_worker_path(engine: Engine, sources: list[Source], policy: BatchPolicy) 
         records = [result_record(j, o.output, "out", {"name": "bench"}, 0) for j, o in zip(jobs, outcomes)]
         return len(records)
 
-    for src in sources:
-        job = decode(src, limits, engine.limits, None)
-        acc.add(job, estimate_tokens(job.text, job.schema))
-        if len(acc) >= policy.max_messages:
-            batch = acc.take()
-            if inflight is not None:
-                produced += finish(inflight)
-            inflight = (batch, pool.submit(engine.infer, [(j.text, j.schema) for j in batch]))
-    while len(acc):
+    def submit() -> None:
+        """Start the next batch, after collecting the one in flight (one batch on the device at a time)."""
+        nonlocal inflight, produced
         batch = acc.take()
         if inflight is not None:
             produced += finish(inflight)
-        inflight = (batch, pool.submit(engine.infer, [(j.text, j.schema) for j in batch]))
+        inflight = (batch, pool.submit(engine.run_requests, [j.request for j in batch]))
+
+    for src in sources:
+        job = decode(src, limits, engine.limits, None)
+        acc.add(job, estimate_tokens(job.request))
+        if len(acc) >= policy.max_messages:
+            submit()
+    while len(acc):
+        submit()
     if inflight is not None:
         produced += finish(inflight)
     if engine.device.type == "cuda":

@@ -18,7 +18,7 @@ import torch
 from .batching import plan_batches
 from .decode import Links
 from .recursion import Forward, Solver, solve
-from .requests import Limits, RequestError, validate
+from .requests import Limits, Request, RequestError, validate
 from .runner import DTYPES, ForwardRunner
 from .tokenizer import RexTokenizer
 from .weights import load_model, resolve_model_dir
@@ -74,14 +74,22 @@ class Engine:
     def infer(self, items: Sequence[tuple[Any, Any]]) -> list[Outcome]:
         """Run (text, schema) pairs; invalid ones come back with an error, in input order."""
         outcomes = [Outcome() for _ in items]
-        solvers: dict[int, Solver] = {}
-        pending: dict[int, list[Forward]] = {}
+        valid: dict[int, Request] = {}
         for i, (text, schema) in enumerate(items):
             try:
-                req = validate(text, schema, self.limits)
+                valid[i] = validate(text, schema, self.limits)
             except RequestError as exc:
                 outcomes[i].error = exc
-                continue
+        for i, outcome in zip(valid, self.run_requests(list(valid.values()))):
+            outcomes[i] = outcome
+        return outcomes
+
+    def run_requests(self, requests: Sequence[Request]) -> list[Outcome]:
+        """Run requests that already passed `validate` (the worker validates while decoding)."""
+        outcomes = [Outcome() for _ in requests]
+        solvers: dict[int, Solver] = {}
+        pending: dict[int, list[Forward]] = {}
+        for i, req in enumerate(requests):
             solvers[i] = solve(self.tokenizer, req.text, req.schema)
             self._advance(i, solvers, pending, outcomes, None)
         while pending:

@@ -11,6 +11,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from ..engine.requests import Request
+
 T = TypeVar("T")
 
 
@@ -21,9 +23,9 @@ class BatchPolicy:
     max_wait_ms: int
 
 
-def estimate_tokens(text: str, schema: dict) -> int:
+def estimate_tokens(request: Request) -> int:
     """Rough level-0 token count: one per character (Chinese) plus the prompt's type names."""
-    return min(len(text), 4096) + sum(len(name) + 1 for name in schema) + 3
+    return min(len(request.text), 4096) + sum(len(name) + 1 for name in request.schema) + 3
 
 
 @dataclass

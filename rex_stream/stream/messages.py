@@ -13,7 +13,7 @@ from typing import Any
 import orjson
 
 from ..config import LimitSettings
-from ..engine.requests import Limits, RequestError, validate
+from ..engine.requests import Limits, Request, RequestError, validate
 
 HEADER_PREFIX = "rex."
 
@@ -44,8 +44,7 @@ class Job:
 
     source: Source
     id: Any
-    text: str
-    schema: dict[str, Any]
+    request: Request
     meta: Any
 
 
@@ -84,11 +83,10 @@ def decode(src: Source, limits: LimitSettings, engine_limits: Limits,
         if schema is None:
             raise RequestError("missing_schema", "no 'schema' in the message and no default schema configured")
         req = validate(obj["text"], schema, engine_limits)
-        return Job(src, obj.get("id", src.default_id()), req.text, req.schema, obj.get("meta"))
+        return Job(src, obj.get("id", src.default_id()), req, obj.get("meta"))
     if default_schema is None:
         raise RequestError("bad_json", "value is not a JSON object and no default schema is configured for plain text")
-    req = validate(body, default_schema, engine_limits)
-    return Job(src, src.default_id(), req.text, req.schema, None)
+    return Job(src, src.default_id(), validate(body, default_schema, engine_limits), None)
 
 
 def result_record(job: Job, output: list, topic: str, model: dict[str, Any], latency_ms: int | None) -> Record:

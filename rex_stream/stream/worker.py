@@ -50,6 +50,7 @@ class FatalKafkaError(RuntimeError):
 @dataclass
 class _InFlight:
     jobs: list[Job]
+    tokens: int  # their token estimate, as the accumulator counted it
     future: Future
     started: float = field(default_factory=time.monotonic)
 
@@ -128,7 +129,7 @@ class Worker:
         if completed:
             self._complete()
         if self.inflight is None and self.acc.ready():
-            self._submit(self.acc.take())
+            self._submit()
         if self.outputs and (completed or self.inflight is None):
             self._checkpoint()
         self._backpressure()
@@ -160,7 +161,7 @@ class Worker:
         except RequestError as exc:
             self._dead_letter(src, exc)
             return
-        self.acc.add(job, estimate_tokens(job.text, job.schema))
+        self.acc.add(job, estimate_tokens(job.request))
 
     def _dead_letter(self, src: Any, exc: RequestError) -> None:
         self.outputs.append(dead_letter_record(src, exc, self.s.topics.dead_letter))
@@ -172,13 +173,16 @@ class Worker:
 
     # ----------------------------------------------------------------------------- inference
 
-    def _submit(self, jobs: list[Job]) -> None:
-        self.inflight = _InFlight(jobs, self._executor.submit(self._infer, jobs))
+    def _submit(self) -> None:
+        """Hand the next batch to the engine thread."""
+        tokens = self.acc.tokens
+        jobs = self.acc.take()
+        self.inflight = _InFlight(jobs, tokens - self.acc.tokens, self._executor.submit(self._infer, jobs))
 
     def _infer(self, jobs: list[Job]) -> list[Outcome]:
         """Engine call; a failure of the whole batch is retried on halves before anyone is dead-lettered."""
         try:
-            return self.engine.infer([(j.text, j.schema) for j in jobs])
+            return self.engine.run_requests([j.request for j in jobs])
         except Exception as exc:  # noqa: BLE001 - any device/runtime failure
             if len(jobs) == 1:
                 return [Outcome(error=RequestError("inference_error", f"{type(exc).__name__}: {exc}"))]
@@ -204,10 +208,9 @@ class Worker:
                 self.metrics.latency(latency / 1000.0)
         seconds = time.monotonic() - flight.started
         forwards = sum(o.forwards for o in outcomes)
-        tokens = sum(estimate_tokens(j.text, j.schema) for j in flight.jobs)
-        self.stats.batch(len(flight.jobs), tokens)
+        self.stats.batch(len(flight.jobs), flight.tokens)
         if self.metrics is not None:
-            self.metrics.batch(len(flight.jobs), forwards, tokens, seconds)
+            self.metrics.batch(len(flight.jobs), forwards, flight.tokens, seconds)
         self.log.debug("batch_done", messages=len(flight.jobs), forwards=forwards, seconds=round(seconds, 4))
 
     # ----------------------------------------------------------------------------- commit
