@@ -13,12 +13,13 @@ messages over the slowest process's time.
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import time
 from pathlib import Path
 from typing import Any
+
+from .report import write_json
 
 
 def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: Any) -> None:
@@ -88,8 +89,7 @@ def main() -> int:
               "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
               "cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if a.out:
-        a.out.parent.mkdir(parents=True, exist_ok=True)
-        a.out.write_text(json.dumps(result, indent=1))
+        write_json(result, a.out)
     return 0
 
 

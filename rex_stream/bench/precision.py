@@ -23,6 +23,7 @@ import torch
 from ..engine.engine import Engine
 from ..engine.recursion import Forward
 from ..engine.requests import Limits
+from .report import write_json
 
 
 def _region(t: dict[str, torch.Tensor], width: int) -> torch.Tensor:
@@ -109,11 +110,9 @@ def main() -> int:
     if args.limit:
         cases = cases[: args.limit]
     result = compare(args.model, cases, args.device, args.dtype)
-    text = json.dumps(result, ensure_ascii=False, indent=1)
-    print(text)
+    print(json.dumps(result, ensure_ascii=False, indent=1))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text, encoding="utf-8")
+        write_json(result, args.out)
     return 0
 
 

@@ -24,6 +24,7 @@ from ..config import LimitSettings
 from ..engine.engine import Engine
 from ..stream.batcher import Accumulator, BatchPolicy, estimate_tokens
 from ..stream.messages import Source, decode, result_record
+from .report import write_json
 from .workloads import load_workload
 
 
@@ -106,8 +107,7 @@ def main() -> int:
               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     print(json.dumps(result, indent=1))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+        write_json(result, args.out)
     return 0
 
 

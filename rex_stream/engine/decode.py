@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .prompt import Prefix, Slot
+from .prompt import Slot
 
 Result = list[dict[str, Any]]
 
