@@ -38,7 +38,7 @@ from rex_stream.engine.engine import Engine, EngineStats, Outcome
 from rex_stream.engine.layout import attention_allowed, build_layout
 from rex_stream.engine.recursion import Forward, Solver, solve
 from rex_stream.engine.requests import RequestError, validate
-from rex_stream.engine.runner import ForwardRunner
+from rex_stream.engine.runner import Fetched, ForwardRunner
 
 Item = tuple[Any, Any]
 
@@ -129,11 +129,20 @@ def peak_memory(device: torch.device) -> int | None:
 
 @dataclass
 class BatchRecord:
+    """One device batch. `seconds`: wall latency from padding to links on the host (batches of the
+    engine's pipeline overlap); `device_seconds`: from its first kernel to its copies out (CUDA
+    events; equal to `seconds` where nothing overlaps)."""
+
     forwards: int
     width: int
     real_tokens: int
     seconds: float
     flops: int
+    device_seconds: float | None = None
+
+    @property
+    def busy(self) -> float:
+        return self.seconds if self.device_seconds is None else self.device_seconds
 
 
 @dataclass
@@ -167,7 +176,7 @@ class PathRun:
     def summary(self, peak_flops: float | None) -> dict[str, Any]:
         secs = max(self.seconds, 1e-12)
         lat = np.array([b.seconds for b in self.batches], dtype=np.float64)
-        in_batches = float(lat.sum())
+        in_batches = float(sum(b.busy for b in self.batches))
         padded = self.padded_tokens
         return {
             "path": self.path,
@@ -200,13 +209,15 @@ class PathRun:
 
 
 class TimedRunner:
-    """A ForwardRunner stand-in that times every `run` (one device batch) and records its shape.
+    """A ForwardRunner stand-in that records every batch's shape, latency and device time.
 
-    Anything else is delegated to the wrapped runner, so an engine using it behaves unchanged.
+    It does not synchronise, so the engine's pipelining is measured as it runs; device time comes
+    from CUDA events around each batch. Anything else is delegated to the wrapped runner.
     """
 
     def __init__(self, inner: ForwardRunner, device: torch.device, flops: Callable[[int], int]) -> None:
         self.inner = inner
+        inner.timing = True
         self.device = device
         self._flops = flops
         self.records: list[BatchRecord] = []
@@ -214,15 +225,15 @@ class TimedRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def run(self, forwards: Sequence[Forward]) -> list[Links]:
-        _sync(self.device)
-        start = time.perf_counter()
-        links = self.inner.run(forwards)
-        _sync(self.device)
-        seconds = time.perf_counter() - start
-        lengths = [len(f.ids) for f in forwards]
+    def collect(self, fetched: Fetched) -> list[Links]:
+        links = self.inner.collect(fetched)
+        seconds = time.perf_counter() - fetched.prepared.started
+        device_seconds = None
+        if fetched.gpu_start is not None and fetched.done is not None:
+            device_seconds = fetched.gpu_start.elapsed_time(fetched.done) / 1e3
+        lengths = fetched.prepared.lengths
         self.records.append(BatchRecord(len(lengths), max(lengths), sum(lengths), seconds,
-                                        sum(self._flops(n) for n in lengths)))
+                                        sum(self._flops(n) for n in lengths), device_seconds))
         return links
 
 
@@ -345,16 +356,13 @@ class FixedBatchEngine(Engine):
     """The engine's wavefront with fixed batches of `fixed_batch` forwards in arrival order.
 
     No length sorting: each batch is padded to its own longest forward. OOM handling and stats
-    are the engine's (`_run_batch`).
+    are the engine's (`_pipeline`).
     """
 
     fixed_batch: int = 32
 
-    def run_forwards(self, forwards: Sequence[Forward]) -> list[Links | BaseException]:
-        results: list[Links | BaseException] = [RuntimeError("not run")] * len(forwards)
-        for start in range(0, len(forwards), self.fixed_batch):
-            self._run_batch(forwards, list(range(start, min(start + self.fixed_batch, len(forwards)))), results)
-        return results
+    def plan(self, forwards: Sequence[Forward]) -> list[list[int]]:
+        return [list(range(s, min(s + self.fixed_batch, len(forwards)))) for s in range(0, len(forwards), self.fixed_batch)]
 
 
 def competent_user_dtype(device: torch.device) -> str:

@@ -1,14 +1,16 @@
 """The inference engine: many (text, schema) requests in, the reference pipeline's outputs out.
 
 Requests advance level by level together (a wavefront): all level-0 forwards of all requests are
-packed into token-budget batches, decoded, then all level-1 forwards, and so on. A request's
-answer never depends on its batch mates (padding is isolated), and one failing request or
-forward never fails the others.
+packed into token-budget batches, then the level-1 forwards their decoding asks for, and so on.
+Batches run through a two-deep pipeline (`Engine._pipeline`): while the device computes one batch
+the host decodes the previous one and pads the next. A request's answer never depends on its
+batch mates (padding is isolated), and one failing request or forward never fails the others.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +21,12 @@ from .batching import plan_batches
 from .decode import Links
 from .recursion import Forward, Solver, solve
 from .requests import Limits, Request, RequestError, validate
-from .runner import DTYPES, ForwardRunner
+from .runner import DTYPES, ForwardRunner, Launched
 from .tokenizer import RexTokenizer
 from .weights import load_model, resolve_model_dir
+
+# A queued forward: (request index, index among the request's current forwards, the forward).
+_Item = tuple[int, int, Forward]
 
 
 @dataclass
@@ -88,70 +93,122 @@ class Engine:
         """Run requests that already passed `validate` (the worker validates while decoding)."""
         outcomes = [Outcome() for _ in requests]
         solvers: dict[int, Solver] = {}
-        pending: dict[int, list[Forward]] = {}
+        links: dict[int, list[Links | None]] = {}  # per request: its current forwards' links so far
+        missing: dict[int, int] = {}
+        pool: list[_Item] = []
+
+        def advance(i: int, got: list[Links] | None) -> None:
+            forwards = self._step(i, solvers, outcomes, got)
+            if forwards:
+                links[i] = [None] * len(forwards)
+                missing[i] = len(forwards)
+                pool.extend((i, k, f) for k, f in enumerate(forwards))
+
+        def deliver(item: _Item, link: Links | BaseException) -> None:
+            i, k, _ = item
+            if i not in solvers:
+                return  # an earlier forward of this request failed
+            if isinstance(link, BaseException):
+                outcomes[i].error = RequestError("inference_error", f"forward failed: {link}")
+                solvers.pop(i).close()
+                return
+            links[i][k] = link
+            missing[i] -= 1
+            if missing[i] == 0:
+                got = links.pop(i)
+                outcomes[i].forwards += len(got)
+                advance(i, got)  # type: ignore[arg-type]
+
         for i, req in enumerate(requests):
             solvers[i] = solve(self.tokenizer, req.text, req.schema)
-            self._advance(i, solvers, pending, outcomes, None)
-        while pending:
-            order = [(i, f) for i, forwards in pending.items() for f in forwards]
-            links = self.run_forwards([f for _, f in order])
-            by_request: dict[int, list] = {i: [] for i in pending}
-            for (i, _), link in zip(order, links):
-                by_request[i].append(link)
-            pending = {}
-            for i, got in by_request.items():
-                failure = next((x for x in got if isinstance(x, BaseException)), None)
-                if failure is not None:
-                    outcomes[i].error = RequestError("inference_error", f"forward failed: {failure}")
-                    solvers.pop(i).close()
-                    continue
-                outcomes[i].forwards += len(got)
-                self._advance(i, solvers, pending, outcomes, got)
+            advance(i, None)
+        self._pipeline(pool, deliver)
         return outcomes
 
-    def _advance(self, i: int, solvers: dict[int, Solver], pending: dict[int, list[Forward]],
-                 outcomes: list[Outcome], links: list[Links] | None) -> None:
-        """Step request i until it needs forwards (queued in `pending`) or finishes."""
+    def _step(self, i: int, solvers: dict[int, Solver], outcomes: list[Outcome],
+              links: list[Links] | None) -> list[Forward] | None:
+        """Step request i until it needs forwards (returned) or finishes (None)."""
         solver = solvers[i]
         try:
             while True:
                 forwards = solver.send(links) if links is not None else next(solver)
                 if forwards:
-                    pending[i] = forwards
-                    return
+                    return forwards
                 links = []
         except StopIteration as done:
             outcomes[i].output = done.value
         except Exception as exc:  # a decoding bug must cost one request, not the batch
             outcomes[i].error = RequestError("inference_error", f"{type(exc).__name__}: {exc}")
         solvers.pop(i)
+        return None
 
     def run_forwards(self, forwards: Sequence[Forward]) -> list[Links | BaseException]:
-        """Every forward's links; batches that run out of device memory are split and retried."""
-        lengths = [len(f.ids) for f in forwards]
+        """Every forward's links (no recursion); batches that run out of device memory are split."""
         results: list[Links | BaseException] = [RuntimeError("not run")] * len(forwards)
-        for batch in plan_batches(lengths, self.batch_tokens, self.max_batch):
-            self._run_batch(forwards, batch, results)
+
+        def deliver(item: _Item, link: Links | BaseException) -> None:
+            results[item[1]] = link
+
+        self._pipeline([(0, k, f) for k, f in enumerate(forwards)], deliver)
         return results
 
-    def _run_batch(self, forwards: Sequence[Forward], batch: list[int], results: list) -> None:
+    def plan(self, forwards: Sequence[Forward]) -> list[list[int]]:
+        """Batches (indices into `forwards`): the token-budget policy of `batching.plan_batches`."""
+        return plan_batches([len(f.ids) for f in forwards], self.batch_tokens, self.max_batch)
+
+    def _pipeline(self, pool: list[_Item], deliver: Callable[[_Item, Links | BaseException], None]) -> None:
+        """Run every queued forward, including those `deliver` queues while decoding.
+
+        Two batches overlap: while the device computes batch k+1, the host copies out and decodes
+        batch k (whose results may queue next-level forwards into `pool`) and pads batch k+2. The
+        pool is planned into batches whenever the planned ones run out, so a level's forwards are
+        batched together as in a wavefront. A batch that runs out of device memory is split in half
+        and retried; a single forward that does not fit fails alone.
+        """
+        queue: deque[list[_Item]] = deque()
+        current: tuple[list[_Item], Launched] | None = None
+        while True:
+            if not queue and pool:
+                queue.extend([pool[k] for k in batch] for batch in self.plan([f for _, _, f in pool]))
+                pool.clear()
+            following = None
+            if queue:
+                items = queue.popleft()
+                following = (items, self.runner.prepare([f for _, _, f in items]))
+            fetched = None
+            if current is not None:
+                fetched = self._guard(current[0], queue, deliver, lambda c=current: self.runner.fetch(c[1]))
+            launched = None
+            if following is not None:
+                launched = self._guard(following[0], queue, deliver,
+                                       lambda f=following: self.runner.launch(f[1]))
+            if current is not None and fetched is not None:
+                self._count(current[0])
+                for item, link in zip(current[0], self.runner.collect(fetched)):
+                    deliver(item, link)
+            current = None if launched is None else (following[0], launched)  # type: ignore[index]
+            if current is None and not queue and not pool:
+                return
+
+    def _guard(self, items: list[_Item], queue: deque[list[_Item]],
+               deliver: Callable[[_Item, Links | BaseException], None], stage: Callable[[], Any]) -> Any:
+        """Run one device stage of a batch; out of memory splits the batch back into the queue."""
         try:
-            links = self.runner.run([forwards[i] for i in batch])
+            return stage()
         except torch.OutOfMemoryError as exc:
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            if len(batch) == 1:
-                results[batch[0]] = exc
-                return
+            if len(items) == 1:
+                deliver(items[0], exc)
+                return None
             self.stats.oom_splits += 1
-            half = len(batch) // 2
-            self._run_batch(forwards, batch[:half], results)
-            self._run_batch(forwards, batch[half:], results)
-            return
-        width = max(len(forwards[i].ids) for i in batch)
+            half = len(items) // 2
+            queue.extendleft([items[half:], items[:half]])
+            return None
+
+    def _count(self, items: list[_Item]) -> None:
+        lengths = [len(f.ids) for _, _, f in items]
         self.stats.batches += 1
-        self.stats.forwards += len(batch)
-        self.stats.real_tokens += sum(len(forwards[i].ids) for i in batch)
-        self.stats.padded_tokens += width * len(batch)
-        for i, link in zip(batch, links):
-            results[i] = link
+        self.stats.forwards += len(lengths)
+        self.stats.real_tokens += sum(lengths)
+        self.stats.padded_tokens += max(lengths) * len(lengths)

@@ -3,12 +3,20 @@
 Only compact data crosses the host/device boundary: [B, L] token ids, position ids and the two
 prompt-isolation vectors go in (the L×L mask is expanded on the device), and only the positive
 links of the decodable region (plus one row/column for classification) come back.
+
+A batch goes through four stages so the engine can overlap them across batches (see
+`Engine._pipeline`): `prepare` (host arrays, async copy in), `launch` (the model and the link
+masks, queued on the device without waiting), `fetch` (waits for the batch's own kernels, queues
+the copies out) and `collect` (waits for those copies, builds `Links`). Between `fetch` of batch k
+and its `collect`, the engine launches batch k+1, so the device computes while the host decodes.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -28,6 +36,39 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # the default; "sigmoid" reproduces the shipped model-repository code.
 CLS_SCORES = ("logit", "sigmoid")
 
+_ARRAYS = ("ids", "pos", "group", "slot", "valid")
+
+
+@dataclass
+class Prepared:
+    """One padded batch on the device (its inputs may still be in flight)."""
+
+    tensors: dict[str, torch.Tensor]
+    nh: np.ndarray  # hint lengths, on the host
+    lengths: list[int]
+    want_cls: list[bool]
+    started: float  # perf_counter() when preparation began (batch latency is measured from here)
+
+
+@dataclass
+class Launched:
+    prepared: Prepared
+    logits: torch.Tensor
+    keep: torch.Tensor  # [B, L, L] bool: the links worth sending back
+    gpu_start: torch.cuda.Event | None
+
+
+@dataclass
+class Fetched:
+    prepared: Prepared
+    counts: torch.Tensor
+    pairs: torch.Tensor
+    scores: torch.Tensor
+    cls_rows: torch.Tensor | None
+    cls_cols: torch.Tensor | None
+    gpu_start: torch.cuda.Event | None
+    done: torch.cuda.Event | None  # the copies out have landed once this fires
+
 
 class ForwardRunner:
     """Runs padded batches of forwards through one model on one device."""
@@ -44,6 +85,8 @@ class ForwardRunner:
         self.special = special
         self.device = device
         self.dtype = dtype
+        self.cuda = device.type == "cuda"
+        self.timing = False  # record CUDA events per batch (benchmarks read Fetched.gpu_start/done)
 
     def _hint_layout(self, f: Forward) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """Layout of the `[CLS] hint [SEP]` part, cached: many forwards share a hint."""
@@ -62,36 +105,66 @@ class ForwardRunner:
             return nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=DTYPES[self.dtype])
 
-    def tensors(self, forwards: Sequence[Forward]) -> dict[str, torch.Tensor]:
-        """Host-side padding of one batch into [B, L] arrays, moved to the device."""
+    def _event(self) -> torch.cuda.Event | None:
+        if not self.cuda:
+            return None
+        event = torch.cuda.Event(enable_timing=self.timing)
+        event.record()
+        return event
+
+    def _to_host(self, x: torch.Tensor) -> torch.Tensor:
+        """Queue a device→host copy into pinned memory (no wait); on CPU the tensor itself."""
+        if not self.cuda:
+            return x
+        out = torch.empty(x.shape, dtype=x.dtype, pin_memory=True)
+        return out.copy_(x, non_blocking=True)
+
+    # ------------------------------------------------------------------------------ stages
+
+    def prepare(self, forwards: Sequence[Forward]) -> Prepared:
+        """Host-side padding of one batch into [B, L] arrays, copied to the device in one transfer."""
+        started = time.perf_counter()
         width = max(len(f.ids) for f in forwards)
         n = len(forwards)
-        ids = np.full((n, width), self.special.pad, dtype=np.int64)
-        pos = np.zeros((n, width), dtype=np.int64)
-        group = np.full((n, width), -1, dtype=np.int64)
-        slot = np.full((n, width), -1, dtype=np.int64)
-        valid = np.zeros((n, width), dtype=bool)
+        packed = np.empty((len(_ARRAYS), n, width), dtype=np.int64)
+        ids, pos, group, slot, valid = packed
+        ids.fill(self.special.pad)
+        pos.fill(0)
+        group.fill(-1)
+        slot.fill(-1)
+        valid.fill(0)
+        nh = np.empty(n, dtype=np.int64)
         for b, f in enumerate(forwards):
-            length, nh = len(f.ids), f.num_hint_tokens
+            length, h = len(f.ids), f.num_hint_tokens
             ids[b, :length] = f.ids
             hint_pos, hint_group, hint_slot, start = self._hint_layout(f)
-            pos[b, :nh], group[b, :nh], slot[b, :nh] = hint_pos, hint_group, hint_slot
-            pos[b, nh:length] = np.arange(start, start + length - nh)
-            valid[b, :length] = True
-        nh = np.array([f.num_hint_tokens for f in forwards], dtype=np.int64)
-        arrays = {"ids": ids, "pos": pos, "group": group, "slot": slot, "valid": valid, "nh": nh}
-        return {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in arrays.items()}
+            pos[b, :h], group[b, :h], slot[b, :h] = hint_pos, hint_group, hint_slot
+            pos[b, h:length] = np.arange(start, start + length - h)
+            valid[b, :length] = 1
+            nh[b] = h
+        host = torch.from_numpy(packed)
+        if self.cuda:
+            host = host.pin_memory()
+        device = host.to(self.device, non_blocking=True)
+        tensors = dict(zip(_ARRAYS, device.unbind(0)))
+        tensors["valid"] = tensors["valid"].bool()
+        tensors["nh"] = torch.from_numpy(nh).to(self.device, non_blocking=True)
+        return Prepared(tensors, nh, [len(f.ids) for f in forwards], [f.want_cls_probs for f in forwards], started)
+
+    def tensors(self, forwards: Sequence[Forward]) -> dict[str, torch.Tensor]:
+        """The device tensors of one padded batch (ids, pos, group, slot, valid, nh)."""
+        return self.prepare(forwards).tensors
 
     @torch.inference_mode()
     def logits(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
         """fp32 logits [B, L, L] of one padded batch.
 
         The dense L×L prompt-isolation mask is expanded here only for the SDPA path; the fused
-        (flex) path builds its block mask from the per-token group/slot vectors itself.
+        (flex, triton) paths evaluate isolation from the per-token group/slot vectors themselves.
         """
         g, s, valid = t["group"], t["slot"], t["valid"]
         mask = None
-        if self.model.attention != "flex":
+        if self.model.attention == "sdpa":
             gi, gj = g[:, :, None], g[:, None, :]
             si, sj = s[:, :, None], s[:, None, :]
             blocked = ((gi >= 0) & (gj >= 0) & (gi != gj)) | ((gi >= 0) & (gi == gj) & (si >= 0) & (sj >= 0) & (si != sj))
@@ -100,42 +173,62 @@ class ForwardRunner:
             return self.model(t["ids"], t["pos"], mask, valid, group=g, slot=s).float()
 
     @torch.inference_mode()
-    def run(self, forwards: Sequence[Forward]) -> list[Links]:
-        """Links of every forward of one batch, in order."""
-        t = self.tensors(forwards)
-        logits = self.logits(t)
-        return self.extract(logits, t, [f.want_cls_probs for f in forwards])
+    def launch(self, prepared: Prepared) -> Launched:
+        """Queue the model and the link selection on the device; returns without waiting for them.
 
-    def extract(self, logits: torch.Tensor, t: dict[str, torch.Tensor], want_cls: Sequence[bool]) -> list[Links]:
-        """Positive links that can matter to decoding, found on the device.
-
-        Head links (text row → [TYPE] column), tail links ([TYPE] row → text column), and span
-        links (h ≤ t in the text) whose head row has some head link and whose tail column has
-        some tail link — a span without both can never be decoded, so it never leaves the device.
+        Kept links: head links (text row → [TYPE] column), tail links ([TYPE] row → text column),
+        and span links (h ≤ t in the text) whose head row has some head link and whose tail column
+        has some tail link — a span without both can never be decoded, so it never leaves the device.
         """
-        n, width, _ = logits.shape
-        valid = t["valid"]
+        t = prepared.tensors
+        gpu_start = self._event() if self.timing else None
+        logits = self.logits(t)
+        width = logits.shape[1]
         idx = torch.arange(width, device=logits.device)
-        text = (idx[None, :] >= t["nh"][:, None]) & valid
+        text = (idx[None, :] >= t["nh"][:, None]) & t["valid"]
         is_type = t["ids"] == self.special.type
         positive = logits > 0
         heads = positive & text[:, :, None] & is_type[:, None, :]
         tails = positive & is_type[:, :, None] & text[:, None, :]
         has_head, has_tail = heads.any(-1), tails.any(-2)
         spans = positive & (has_head[:, :, None] & has_tail[:, None, :]) & (idx[:, None] <= idx[None, :])
-        where = (heads | tails | spans).nonzero()
-        score_t = self.score(logits[where[:, 0], where[:, 2], where[:, 1]])
-        counts = torch.bincount(where[:, 0], minlength=n).cpu().tolist()
-        pairs = where[:, 1:].to(torch.int32).cpu().numpy()
-        scores = score_t.cpu().numpy()
-        cls_rows = {}
-        for b in (b for b in range(n) if want_cls[b]):
-            h = int(t["nh"][b])
-            cls_rows[b] = (self.score(logits[b, h, : h + 1]).cpu().numpy(), self.score(logits[b, : h + 1, h]).cpu().numpy())
+        return Launched(prepared, logits, heads | tails | spans, gpu_start)
+
+    @torch.inference_mode()
+    def fetch(self, launched: Launched) -> Fetched:
+        """Wait for this batch's kernels (only its own: later batches are queued behind the copies)."""
+        prepared, logits = launched.prepared, launched.logits
+        where = launched.keep.nonzero()  # the one host wait: the number of links is data-dependent
+        counts = torch.bincount(where[:, 0], minlength=logits.shape[0])
+        scores = self.score(logits[where[:, 0], where[:, 2], where[:, 1]])
+        rows = cols = None
+        cls = [b for b, want in enumerate(prepared.want_cls) if want]
+        if cls:
+            b = torch.tensor(cls, device=logits.device)
+            h = prepared.tensors["nh"][b]
+            rows, cols = self._to_host(self.score(logits[b, h, :])), self._to_host(self.score(logits[b, :, h]))
+        return Fetched(prepared, self._to_host(counts), self._to_host(where[:, 1:].to(torch.int32)),
+                       self._to_host(scores), rows, cols, launched.gpu_start, self._event())
+
+    def collect(self, fetched: Fetched) -> list[Links]:
+        """Links of every forward of the batch, in order (waits for the copies out only)."""
+        if fetched.done is not None:
+            fetched.done.synchronize()
+        pairs, scores = fetched.pairs.numpy(), fetched.scores.numpy()
+        cls_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        if fetched.cls_rows is not None and fetched.cls_cols is not None:
+            nh = fetched.prepared.nh
+            cls = [b for b, want in enumerate(fetched.prepared.want_cls) if want]
+            rows, cols = fetched.cls_rows.numpy(), fetched.cls_cols.numpy()
+            cls_rows = {b: (rows[k, : nh[b] + 1], cols[k, : nh[b] + 1]) for k, b in enumerate(cls)}
         out = []
         start = 0
-        for b, count in enumerate(counts):
+        for b, count in enumerate(fetched.counts.tolist()):
             row, col = cls_rows.get(b, (None, None))
             out.append(Links(pairs[start : start + count], scores[start : start + count], row, col))
             start += count
         return out
+
+    def run(self, forwards: Sequence[Forward]) -> list[Links]:
+        """All four stages of one batch, back to back (no overlap)."""
+        return self.collect(self.fetch(self.launch(self.prepare(forwards))))
