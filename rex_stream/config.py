@@ -84,7 +84,8 @@ class ModelSettings(BaseModel):
     device: str = "cuda"
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     engine_batch_tokens: int = 32_768
-    attention: Literal["sdpa", "flex"] = Field("sdpa", description="flex: fused GPU kernel, self-checked vs sdpa")
+    attention: Literal["sdpa", "flex", "triton"] = Field(
+        "sdpa", description="flex / triton: fused GPU kernels, self-checked vs sdpa")
     compile: bool = Field(False, description="torch.compile the encoder (self-checked, falls back to eager)")
     default_schema: dict[str, Any] | None = Field(None, description="used for plain-text messages")
 

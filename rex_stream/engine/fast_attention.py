@@ -18,8 +18,11 @@ them explicitly, as the SDPA path does).
 On CUDA, flex_attention only becomes a fused kernel under ``torch.compile``; eager calls run an
 unfused reference that materialises the scores (fine for CPU tests, slow on a GPU).
 
-``python -m rex_stream.engine.fast_attention`` runs a small sdpa/flex/compiled micro-benchmark
-(see ``main``).
+The fused Triton kernel (``set_attention("triton")``) computes the same bias in-kernel without any
+L×L tensor; see ``triton_attention``.
+
+``python -m rex_stream.engine.fast_attention`` runs a small sdpa/flex/triton/compiled
+micro-benchmark (see ``main``).
 """
 
 from __future__ import annotations
@@ -239,7 +242,7 @@ def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Compare sdpa / flex (/ compiled encoder) forwards of a random model; prints one JSON line per case."""
+    """Compare sdpa / flex / triton (/ compiled encoder) forwards of a random model; one JSON line per case."""
     import tempfile
     from pathlib import Path
 
@@ -253,7 +256,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lengths", default="128", help="comma-separated sequence lengths")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--cases", default="sdpa,flex", help="subset of sdpa,flex,sdpa+compile,flex+compile")
+    p.add_argument("--cases", default="sdpa,flex",
+                   help="subset of sdpa,flex,triton,sdpa+compile,flex+compile,triton+compile")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode of the compiled-encoder cases")
     p.add_argument("--flex-compile", default="auto", choices=("auto", "on", "off"),
                    help="compile the flex kernel (auto: on CUDA only)")

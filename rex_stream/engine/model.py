@@ -12,10 +12,11 @@ Deviations from the reference that do not change single-request results:
   ``0 <= position_ids < L``, which Rex inputs satisfy (a token's position never exceeds its index).
 
 Optional fast paths, off by default (the default is the exact SDPA path the golden tests pin):
-``set_attention("flex")`` (FlexAttention, see ``fast_attention``) and ``compile_encoder()``
-(``torch.compile``). Each is self-checked against the SDPA path on its first batch per (device
-type, dtype) and falls back to it, with one logged warning, on any error or mismatch;
-``fast_path_status()`` reports what ran. The span head and rotary angles always run in fp32.
+``set_attention("flex")`` (FlexAttention, see ``fast_attention``), ``set_attention("triton")`` (a
+fused Triton kernel, see ``triton_attention``) and ``compile_encoder()`` (``torch.compile``). Each
+is self-checked against the SDPA path on its first batch per (device type, dtype) and falls back to
+it, with one logged warning, on any error or mismatch; ``fast_path_status()`` reports what ran.
+The span head and rotary angles always run in fp32.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rex_stream.engine import fast_attention
+from rex_stream.engine import fast_attention, triton_attention
 
 if TYPE_CHECKING:
     from rex_stream.engine.weights import ModelConfig
@@ -41,7 +42,8 @@ _RelCache = list[tuple[torch.Tensor, torch.Tensor]]
 
 log = logging.getLogger(__name__)
 
-ATTENTION_MODES = ("sdpa", "flex")
+ATTENTION_MODES = ("sdpa", "flex", "triton")
+FUSED_MODES = ("flex", "triton")  # the optional attention paths, self-checked against "sdpa"
 
 # Self-check: max |fast - sdpa| over valid tokens' hidden states, relative to max |sdpa|. Measured on
 # CPU: fp32 ~5e-7, bf16 ~5e-3 (two kernels' rounding); a wrong bias index or a missing bias gives ~0.3.
@@ -114,12 +116,12 @@ class _Layer(nn.Module):
         pos_k: torch.Tensor,
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
-        """``attend(q, k, v, pos_q, pos_k)`` returns the [B, H, L, D] context, dead rows already zero."""
+        """``attend(q, k, v, pos_q, pos_k)`` returns the [B, L, H*D] context, dead rows already zero."""
         proj = self.attention["self"]
         q = self._split(proj["query_proj"](x))
         k = self._split(proj["key_proj"](x))
         v = self._split(proj["value_proj"](x))
-        ctx = attend(q, k, v, pos_q, pos_k).transpose(1, 2).flatten(2)
+        ctx = attend(q, k, v, pos_q, pos_k)
         attn = self.attention["output"](ctx, x)
         return self.output(F.gelu(self.intermediate["dense"](attn)), attn)
 
@@ -137,7 +139,7 @@ def _sdpa_attend(
         bias = (c2p + p2c).masked_fill(~allowed, float("-inf"))
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
         # A row with no allowed key gets zero context (the reference's masked softmax does the same).
-        return ctx * row_alive
+        return (ctx * row_alive).transpose(1, 2).flatten(2)
 
     return attend
 
@@ -151,7 +153,22 @@ def _flex_attend(
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
         ctx = fast_attention.flex_context(q, k, v, pos_q, pos_k, pos, offset, block_mask, scale, kernel)
         # flex_attention already returns 0 for fully masked rows; where() also stops a NaN.
-        return torch.where(row_alive, ctx, 0)
+        return torch.where(row_alive, ctx, 0).transpose(1, 2).flatten(2)
+
+    return attend
+
+
+def _triton_attend(
+    pos: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, offset: int, scale: float
+) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The fused Triton kernel: bias gathered in-kernel, isolation from group/slot, output [B, L, H*D]."""
+    # Keys beyond a row's last valid token are never visited (rows with nothing allowed come out 0).
+    index = torch.arange(1, valid.shape[1] + 1, device=valid.device, dtype=torch.int32)
+    lengths = torch.where(valid, index, 0).amax(-1) if valid.numel() else index.new_zeros(valid.shape[0])
+
+    def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
+        return triton_attention.disentangled_attention(q, k, v, pos_q, pos_k, pos, group, slot, valid, lengths,
+                                                       offset, scale)
 
     return attend
 
@@ -217,10 +234,10 @@ class RexModel(nn.Module):
         # Optional fast paths (set_attention / compile_encoder); the defaults are the exact SDPA path.
         self._attention = "sdpa"
         self._flex_kernel: fast_attention.FlexKernel | None = None
-        self._flex_error: str | None = None
+        self._fused_error: str | None = None  # why the requested fused mode (flex/triton) was abandoned
         self._self_check = True
         self._compiled: Callable[..., torch.Tensor] | None = None
-        self._compile_errors: dict[bool, str] = {}
+        self._compile_errors: dict[str, str] = {}  # attention mode -> why its compiled encoder failed
         self._compile_options: tuple[Any, ...] = ()
         self._checks: dict[tuple[str, ...], float] = {}
 
@@ -279,7 +296,7 @@ class RexModel(nn.Module):
 
         ``attention_mask`` [B, L, L] (bool) is the prompt-isolation pattern; it may be None when the
         per-token ``group``/``slot`` vectors ([B, L] long, as from ``layout.build_layout``, padding
-        -1) are given, and the flex path ignores it whenever they are given.
+        -1) are given, and the fused (flex, triton) paths ignore it whenever they are given.
         """
         hidden = self.encode(input_ids, position_ids, attention_mask, token_mask, group=group, slot=slot)
         return self.link_logits(hidden, position_ids)
@@ -289,12 +306,15 @@ class RexModel(nn.Module):
     def set_attention(
         self, mode: str = "sdpa", *, compile: bool | None = None, dynamic: bool | None = True, self_check: bool = True
     ) -> str:
-        """Choose the encoder attention: "sdpa" (default, exact reference path) or "flex".
+        """Choose the encoder attention: "sdpa" (default, exact reference path), "flex" or "triton".
 
+        triton: one fused Triton kernel (``triton_attention``) gathering the disentangled bias
+        in-kernel and evaluating prompt isolation from the per-token group/slot vectors (CUDA, or
+        CPU under ``TRITON_INTERPRET=1``); forwards given only a dense mask (no group/slot) run SDPA.
         flex: FlexAttention with the disentangled bias in ``score_mod`` and prompt isolation in a
         BlockMask. ``compile`` (None: on CUDA only) wraps flex_attention in ``torch.compile(...,
         dynamic=dynamic)``; eager flex is an unfused reference, slow on GPUs. With ``self_check``, the
-        first flex forward per (device type, dtype) is compared against the SDPA path on the same
+        first fused forward per (device type, dtype) is compared against the SDPA path on the same
         batch. Any failure (unavailable, exception, self-check mismatch) logs one warning and
         permanently falls back to SDPA for this model, until ``set_attention`` is called again.
         Returns the mode now in effect.
@@ -302,21 +322,25 @@ class RexModel(nn.Module):
         if mode not in ATTENTION_MODES:
             raise ValueError(f"attention must be one of {ATTENTION_MODES}, not {mode!r}")
         self._attention = mode
-        self._flex_error = None
+        self._fused_error = None
         self._self_check = self_check
-        self._checks = {key: err for key, err in self._checks.items() if "flex" not in key}
+        self._checks = {key: err for key, err in self._checks.items() if not set(FUSED_MODES) & set(key)}
+        reason = None
         if mode == "flex":
             reason = fast_attention.flex_unavailable_reason()
-            if reason is not None:
-                self._flex_failed(reason)
-            elif self._flex_kernel is None or (self._flex_kernel.compile, self._flex_kernel.dynamic) != (compile, dynamic):
+            if reason is None and (self._flex_kernel is None
+                                   or (self._flex_kernel.compile, self._flex_kernel.dynamic) != (compile, dynamic)):
                 self._flex_kernel = fast_attention.FlexKernel(compile=compile, dynamic=dynamic)  # else: keep its kernels
+        elif mode == "triton":
+            reason = triton_attention.triton_unavailable_reason(self.ffnq.weight.device)
+        if reason is not None:
+            self._fused_failed(reason)
         return self.attention
 
     @property
     def attention(self) -> str:
-        """The attention path forwards use now ("flex" only while it has not failed)."""
-        return "flex" if self._attention == "flex" and self._flex_error is None else "sdpa"
+        """The attention path forwards use now (a fused mode only while it has not failed)."""
+        return "sdpa" if self._fused_error is not None else self._attention
 
     def compile_encoder(
         self, mode: str | None = None, *, dynamic: bool | None = True, fullgraph: bool = False, enabled: bool = True
@@ -351,11 +375,12 @@ class RexModel(nn.Module):
         return {
             "attention_requested": self._attention,
             "attention_active": self.attention,
-            "flex_error": self._flex_error,
+            "attention_error": self._fused_error,
+            "flex_error": self._fused_error if self._attention == "flex" else None,  # older readers
             "flex_compile": None if kernel is None else ("cuda-only" if kernel.compile is None else kernel.compile),
             "flex_dynamic": None if kernel is None else kernel.dynamic,
             "compiled_encoder": self._compiled is not None,
-            "compile_errors": {("flex" if flex else "sdpa"): err for flex, err in self._compile_errors.items()},
+            "compile_errors": dict(self._compile_errors),
             "self_checks": {"/".join(map(str, key)): err for key, err in self._checks.items()},
         }
 
@@ -364,10 +389,10 @@ class RexModel(nn.Module):
             _WARNED.add(message)
             log.warning("%s", message)
 
-    def _flex_failed(self, error: BaseException | str) -> None:
+    def _fused_failed(self, error: BaseException | str) -> None:
         reason = error if isinstance(error, str) else f"{type(error).__name__}: {str(error)[:2000]}"
-        self._flex_error = reason
-        self._warn_once(f"flex attention disabled, falling back to sdpa: {reason}")
+        self._fused_error = reason
+        self._warn_once(f"{self._attention} attention disabled, falling back to sdpa: {reason}")
 
     def _check(
         self, path: tuple[str, ...], out: torch.Tensor, args: tuple[Any, ...], compute_dtype: torch.dtype
@@ -377,7 +402,7 @@ class RexModel(nn.Module):
         if not self._self_check or key in self._checks:
             return
         with torch.no_grad():
-            ref = self._encode_core(*args, flex=False)
+            ref = self._encode_core(*args, attention="sdpa")
         err = _relative_error(out, ref, args[3])
         self._checks[key] = err
         tol = SELF_CHECK_TOL.get(compute_dtype, SELF_CHECK_TOL[torch.float16])
@@ -387,19 +412,19 @@ class RexModel(nn.Module):
             raise FastPathMismatch(f"self-check {'/'.join(key)}: relative hidden error {err:.3g} > {tol:g}")
         log.info("fast path %s passed its self-check: relative hidden error %.3g", "/".join(key), err)
 
-    def _run(self, args: tuple[Any, ...], flex: bool, compute_dtype: torch.dtype) -> torch.Tensor:
-        if self._compiled is not None and flex not in self._compile_errors:
+    def _run(self, args: tuple[Any, ...], attention: str, compute_dtype: torch.dtype) -> torch.Tensor:
+        if self._compiled is not None and attention not in self._compile_errors:
             try:
-                out = self._compiled(*args, flex=flex)
-                self._check(("compile", "flex" if flex else "sdpa"), out, args, compute_dtype)
+                out = self._compiled(*args, attention=attention)
+                self._check(("compile", attention), out, args, compute_dtype)
                 return out
             except Exception as exc:  # noqa: BLE001 - any compile/run failure: fall back to eager
                 reason = f"{type(exc).__name__}: {str(exc)[:2000]}"
-                self._compile_errors[flex] = reason
-                self._warn_once(f"compiled encoder ({'flex' if flex else 'sdpa'}) failed, running eager: {reason}")
-        out = self._encode_core(*args, flex=flex)
-        if flex:
-            self._check(("flex",), out, args, compute_dtype)
+                self._compile_errors[attention] = reason
+                self._warn_once(f"compiled encoder ({attention}) failed, running eager: {reason}")
+        out = self._encode_core(*args, attention=attention)
+        if attention != "sdpa":
+            self._check((attention,), out, args, compute_dtype)
         return out
 
     # ------------------------------------------------------------------ encoder
@@ -425,17 +450,18 @@ class RexModel(nn.Module):
         )
         args = (input_ids, position_ids, attention_mask, token_mask, group, slot,
                 self._relative_tables(device, compute_dtype))
-        while self.attention == "flex":
+        # The triton kernel needs group/slot; a forward given only a dense mask runs SDPA instead.
+        while (mode := self.attention) != "sdpa" and not (mode == "triton" and (group is None or slot is None)):
             try:
-                return self._run(args, True, compute_dtype)
-            except Exception as exc:  # noqa: BLE001 - any flex failure: degrade, then fall back to SDPA
-                if self._flex_kernel is not None and self._flex_kernel.degrade(device):
+                return self._run(args, mode, compute_dtype)
+            except Exception as exc:  # noqa: BLE001 - any fused failure: degrade (flex), then fall back to SDPA
+                if mode == "flex" and self._flex_kernel is not None and self._flex_kernel.degrade(device):
                     self._warn_once(f"dynamic-shape flex kernel failed, retrying with static shapes: "
                                     f"{type(exc).__name__}: {str(exc)[:2000]}")
                     self._checks = {k: e for k, e in self._checks.items() if k[0] != "flex"}
                 else:
-                    self._flex_failed(exc)
-        return self._run(args, False, compute_dtype)
+                    self._fused_failed(exc)
+        return self._run(args, "sdpa", compute_dtype)
 
     def _encode_core(
         self,
@@ -446,7 +472,7 @@ class RexModel(nn.Module):
         group: torch.Tensor | None,
         slot: torch.Tensor | None,
         tables: _RelCache,
-        flex: bool = False,
+        attention: str = "sdpa",
     ) -> torch.Tensor:
         device = input_ids.device
         length = input_ids.shape[1]
@@ -454,20 +480,25 @@ class RexModel(nn.Module):
         span = self.cfg.position_buckets
         lo, hi = max(0, span - length + 1), min(2 * span, span + length)
 
-        if flex and group is not None and slot is not None:
+        if attention in FUSED_MODES and group is not None and slot is not None:
             # Every valid token may attend itself, so live rows/columns are exactly the valid tokens.
             valid = token_mask.bool()
-            block_mask = fast_attention.layout_block_mask(group, slot, valid)
             col_alive = valid.unsqueeze(-1)
-            attend = _flex_attend(position_ids, span - lo, block_mask, valid[:, None, :, None],
-                                  self._scale, self._flex_kernel(device))
+            if attention == "triton":
+                attend = _triton_attend(position_ids, group, slot, valid, span - lo, self._scale)
+            else:
+                block_mask = fast_attention.layout_block_mask(group, slot, valid)
+                attend = _flex_attend(position_ids, span - lo, block_mask, valid[:, None, :, None],
+                                      self._scale, self._flex_kernel(device))
+        elif attention == "triton":
+            raise ValueError("the triton attention needs the group and slot vectors")
         else:
             if attention_mask is None:
                 attention_mask = fast_attention.layout_allowed(group, slot, token_mask)
             allowed = attention_mask.bool() & token_mask[:, None, :] & token_mask[:, :, None]
             row_alive = allowed.any(-1)
             col_alive = allowed.any(-2).unsqueeze(-1)
-            if flex:
+            if attention == "flex":
                 attend = _flex_attend(position_ids, span - lo, fast_attention.dense_block_mask(allowed),
                                       row_alive[:, None, :, None], self._scale, self._flex_kernel(device))
             else:

@@ -1,0 +1,266 @@
+"""Fused Triton kernel for the encoder's disentangled attention (``RexModel.set_attention("triton")``).
+
+The default ("sdpa") path materialises, per layer, an int64 [B, H, L, L] gather index, two gathered
+bias tensors, their sum and a masked copy, and SDPA then reads the dense bias back. Here none of
+that exists: the two [B, H, L, R] position tables
+
+* ``C2P = q @ pos_k^T`` (content-to-position) and ``P2C = k @ pos_q^T`` (position-to-content),
+
+are computed with ordinary matmuls (R <= 2L-1 reachable relative distances, tables pre-scaled),
+and one flash-attention style kernel computes, per (batch b, head h) and query tile,
+
+    score_ij = scale * q_i.k_j + C2P[i, d_ij] + P2C[j, d_ij],
+    d_ij     = clamp(pos[b, i] - pos[b, j] + offset, 0, R - 1)        (offset = S - lo),
+
+gathering the two bias scalars by pointer arithmetic, masking with the prompt-isolation rule of
+``fast_attention.layout_allowed`` evaluated from the [B, L] ``group``/``slot``/``valid`` vectors,
+and running an online softmax in fp32. A row with no allowed key (padding) comes out exactly 0.
+The output is written as [B, L, H, D], i.e. ready to be viewed as the [B, L, H*D] layer input.
+
+Per batch row only the first ``lengths[b]`` keys are visited, and query tiles starting at or
+beyond ``lengths[b]`` store zeros without reading anything (valid tokens form a prefix of a row;
+``lengths[b]`` must be at least the index of the row's last valid token + 1).
+
+``reference_attention`` computes the same thing densely in torch (tests only). On CPU the kernel
+runs under the Triton interpreter when ``TRITON_INTERPRET=1`` was set before this module was
+imported (slow; for tests).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+
+from rex_stream.engine.fast_attention import layout_allowed
+
+try:  # an optional dependency: a missing or broken triton only makes this path unavailable
+    import triton
+    import triton.language as tl
+
+    _IMPORT_ERROR: str | None = None
+except Exception as exc:  # noqa: BLE001  # pragma: no cover - any import failure means: no triton
+    triton = tl = None  # type: ignore[assignment]
+    _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
+
+# Read when the kernel below is decorated, as triton.jit itself does: setting it later has no effect.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+
+# Tile configuration per device type. Shared memory on CUDA (bf16, D=64, 2 stages): q 8 KiB +
+# k/v 2 x 2 x 8 KiB = 40 KiB (fp32: 80 KiB), far below the H100's 227 KiB. The CPU entry is for the
+# interpreter (tests): small tiles, so short sequences still span several tiles in both directions.
+KERNEL_CONFIGS: dict[str, dict[str, int]] = {
+    "cuda": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "cpu": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
+}
+
+
+def triton_unavailable_reason(device: torch.device | str) -> str | None:
+    """None if the kernel can run on tensors of ``device``, else why not."""
+    if _IMPORT_ERROR is not None:
+        return f"triton unavailable ({_IMPORT_ERROR})"
+    device = torch.device(device)
+    if _INTERPRET:
+        return None  # the interpreter runs any device's tensors (through host copies)
+    if device.type != "cuda":
+        return (f"the triton attention kernel needs a CUDA device, not {device.type!r} "
+                "(or TRITON_INTERPRET=1 set before import, for the slow interpreter)")
+    if not torch.cuda.is_available():
+        return "CUDA is not available"
+    return None
+
+
+if triton is not None:
+
+    @triton.jit
+    def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """a @ b with fp32 accumulation; UPCAST (interpreter only) multiplies fp32 copies instead."""
+        if UPCAST:
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+        return tl.dot(a, b, input_precision=PRECISION)
+
+    @triton.jit
+    def _disentangled_fwd(
+        Q, K, V, C2P, P2C, POS, GROUP, SLOT, VALID, LENGTHS, OUT,
+        stride_qb, stride_qh, stride_qm, stride_qd,
+        stride_kb, stride_kh, stride_kn, stride_kd,
+        stride_vb, stride_vh, stride_vn, stride_vd,
+        H, L, R, offset, qk_scale,
+        HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    ):
+        # One program per (query tile, batch*head); tiles of one (b, h) are adjacent, sharing K/V in L2.
+        LOG2E: tl.constexpr = 1.4426950408889634
+        num_m = tl.cdiv(L, BLOCK_M)
+        pid = tl.program_id(0)
+        pid_m = pid % num_m
+        pid_bh = pid // num_m
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
+        length = tl.load(LENGTHS + b)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        in_m = offs_m < L
+        in_d = offs_d < HEAD_DIM
+
+        # Per-query-token attributes (the [B, L] vectors are contiguous).
+        row = b * L + offs_m
+        pos_i = tl.load(POS + row, mask=in_m, other=0).to(tl.int32)
+        grp_i = tl.load(GROUP + row, mask=in_m, other=-1)
+        slt_i = tl.load(SLOT + row, mask=in_m, other=-1)
+        val_i = tl.load(VALID + row, mask=in_m, other=0) != 0
+
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)
+
+        # The [B, H, L, R] tables are contiguous; row i of (b, h) starts at ((b*H + h)*L + i)*R.
+        table = (b * H + h) * L * R
+        c2p_rows = C2P + table + offs_m.to(tl.int64)[:, None] * R
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # A query tile entirely beyond the row's length visits no key tile and stores zeros.
+        n_end = tl.where(pid_m * BLOCK_M < length, length, 0)
+        for start_n in range(0, n_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_n = offs_n < length
+            col = b * L + offs_n
+            pos_j = tl.load(POS + col, mask=in_n, other=0).to(tl.int32)
+            grp_j = tl.load(GROUP + col, mask=in_n, other=-1)
+            slt_j = tl.load(SLOT + col, mask=in_n, other=-1)
+            val_j = tl.load(VALID + col, mask=in_n, other=0) != 0
+
+            kt_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            kt = tl.load(kt_ptrs, mask=in_n[None, :] & in_d[:, None], other=0.0)
+            qk = _mma(q, kt, PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
+
+            # Relative distance, then the two bias gathers (pointer arithmetic, no L x L tensor).
+            d = pos_i[:, None] - pos_j[None, :] + offset
+            d = tl.minimum(tl.maximum(d, 0), R - 1)
+            inside = in_m[:, None] & in_n[None, :]
+            c2p = tl.load(c2p_rows + d, mask=inside, other=0.0).to(tl.float32)
+            p2c_ptrs = P2C + table + offs_n.to(tl.int64)[None, :] * R + d
+            p2c = tl.load(p2c_ptrs, mask=inside, other=0.0).to(tl.float32)
+
+            other_group = (grp_i[:, None] >= 0) & (grp_j[None, :] >= 0) & (grp_i[:, None] != grp_j[None, :])
+            other_type = ((grp_i[:, None] >= 0) & (grp_i[:, None] == grp_j[None, :])
+                          & (slt_i[:, None] >= 0) & (slt_j[None, :] >= 0) & (slt_i[:, None] != slt_j[None, :]))
+            allowed = inside & val_i[:, None] & val_j[None, :] & ~other_group & ~other_type
+
+            # Scores in log2 units: exp2(x * log2 e) == exp(x).
+            s = qk * qk_scale + (c2p + p2c) * LOG2E
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: avoid -inf - -inf
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+
+            v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            v = tl.load(v_ptrs, mask=in_n[:, None] & in_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
+            m_i = m_new
+
+        # Rows with nothing allowed have acc == 0 and l_i == 0: they store exactly 0.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        # OUT is [B, L, H, D] contiguous.
+        o_ptrs = OUT + ((b * L + offs_m.to(tl.int64)[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
+
+
+def _config(device: torch.device, config: dict[str, int] | None) -> dict[str, int]:
+    return dict(config or KERNEL_CONFIGS.get(device.type, KERNEL_CONFIGS["cuda"]))
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
+            position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
+            lengths: torch.Tensor, offset: int, scale: float, config: dict[str, int]) -> torch.Tensor:
+    """Run the kernel; returns a new [B, L, H, D] tensor."""
+    batch, heads, length, dim = q.shape
+    out = torch.empty(batch, length, heads, dim, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    if valid.dtype == torch.bool:
+        valid = valid.contiguous().view(torch.int8)  # same bytes, a type triton loads everywhere
+    # fp32 inputs follow torch's matmul setting (the engine turns TF32 off: exact fp32, no tensor
+    # cores); for 16-bit inputs "tf32" is triton's default and means nothing.
+    ieee = q.dtype == torch.float32 and not (q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
+    block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
+    grid = (triton.cdiv(length, block_m) * batch * heads,)
+    _disentangled_fwd[grid](
+        q, k, v, c2p, p2c, position_ids.contiguous(), group.contiguous(), slot.contiguous(), valid,
+        lengths.to(torch.int32).contiguous(), out,
+        *q.stride(), *k.stride(), *v.stride(),
+        heads, length, c2p.shape[-1], int(offset), float(scale) * 1.4426950408889634,
+        HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
+        PRECISION="ieee" if ieee else "tf32",
+        # The interpreter's tl.dot is wrong on bf16 operands (triton 3.9: garbage even for one 16x16
+        # tile); multiplying fp32 copies of the same bf16 values gives what the GPU's MMA gives.
+        UPCAST_DOT=_INTERPRET and q.dtype == torch.bfloat16,
+        num_warps=config["num_warps"], num_stages=config["num_stages"],
+    )
+    return out
+
+
+if triton is not None:
+    # Inside a torch.compile-d encoder the launch is an opaque custom op (eager calls skip the op
+    # dispatcher's overhead and call _launch directly). The default tile configuration applies.
+    @torch.library.custom_op("rex_stream::disentangled_attention", mutates_args=())
+    def _launch_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
+                   position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
+                   lengths: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
+        return _launch(q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths, offset, scale,
+                       _config(q.device, None))
+
+    @_launch_op.register_fake
+    def _(q: torch.Tensor, *args: Any) -> torch.Tensor:
+        batch, heads, length, dim = q.shape
+        return q.new_empty(batch, length, heads, dim)
+
+
+def disentangled_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
+    position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
+    lengths: torch.Tensor, offset: int, scale: float, *, config: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Attention context [B, L, H*D] (q's dtype) of the disentangled attention, fused.
+
+    q, k, v: [B, H, L, D] (any strides); pos_q, pos_k: [H, R, D] reachable rows of the pre-scaled
+    relative projections; position_ids, group, slot: [B, L] int64 (-1: none); valid: [B, L] bool;
+    lengths: [B] int, at least last valid index + 1 per row; ``offset = S - lo``. ``config``
+    overrides the tile configuration of ``KERNEL_CONFIGS``.
+    """
+    reason = triton_unavailable_reason(q.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    batch, heads, length, dim = q.shape
+    # cuBLAS tables [B, H, L, R]; matmul outputs are fresh contiguous tensors.
+    c2p = (q @ pos_k.transpose(-1, -2)).contiguous()
+    p2c = (k @ pos_q.transpose(-1, -2)).contiguous()
+    tensors = (q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths)
+    if torch.compiler.is_compiling():
+        out = _launch_op(*tensors, int(offset), float(scale))
+    else:
+        out = _launch(*tensors, offset, scale, _config(q.device, config))
+    return out.view(batch, length, heads * dim)
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
+    position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
+    lengths: torch.Tensor, offset: int, scale: float,
+) -> torch.Tensor:
+    """Dense torch version of ``disentangled_attention`` (tests only; ``lengths`` only skips work there)."""
+    batch, heads, length, dim = q.shape
+    rel = position_ids[:, :, None] - position_ids[:, None, :] + offset
+    index = rel.clamp(0, pos_k.shape[-2] - 1)[:, None].expand(batch, heads, length, length)
+    c2p = torch.gather(q @ pos_k.mT, -1, index)
+    p2c = torch.gather(k @ pos_q.mT, -1, index.mT).mT
+    scores = (scale * (q @ k.mT) + c2p + p2c).float()
+    scores = scores.masked_fill(~layout_allowed(group, slot, valid)[:, None], float("-inf"))
+    ctx = torch.softmax(scores, -1).nan_to_num(0.0) @ v.float()
+    return ctx.to(q.dtype).transpose(1, 2).reshape(batch, length, heads * dim)

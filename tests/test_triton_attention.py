@@ -1,0 +1,271 @@
+"""The fused Triton attention kernel (``set_attention("triton")``), on CPU.
+
+The kernel itself runs under the Triton interpreter, which must be switched on before triton is
+imported: those checks run in subprocesses (this file executed as a script with
+``TRITON_INTERPRET=1``) that print their measurements as one JSON line, and the tests here assert
+on them, so the rest of the session never sees the interpreter. The model plumbing and the
+fallback rules are tested in-process, with the dense ``reference_attention`` standing in for the
+kernel where one has to run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from rex_stream.engine import triton_attention
+
+KERNEL_TOL = 1e-4  # fp32, relative to max |reference|; measured ~4e-7
+LOW_PRECISION_TOL = 3e-2  # bf16/fp16 inputs against the fp32 maths on the same rounded inputs
+MODEL_TOL = 1e-3  # logits, relative (the flex tests' bound); measured ~1e-6
+
+# ---------------------------------------------------------------------------- interpreter side
+# Run as `TRITON_INTERPRET=1 python tests/test_triton_attention.py kernel|model [tiny model dir]`.
+
+KERNEL_CASES = [(length, dim, dtype) for length in (1, 7, 37, 70) for dim in (16, 32) for dtype in ("float32",)]
+KERNEL_CASES += [(37, 24, "float32"), (37, 16, "bfloat16"), (70, 32, "float16")]  # D=24: masked head dim
+TILES = {"cpu": None, "cuda": triton_attention.KERNEL_CONFIGS["cuda"], "odd": {
+    "BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}}
+
+
+def _case_inputs(length: int, dim: int, dtype: torch.dtype) -> tuple[tuple[Any, ...], torch.Tensor]:
+    """A padded batch of 3 rows with prompt groups/slots; span 8 so the distance clamp is active."""
+    gen = torch.Generator().manual_seed(1000 * length + dim)
+    batch, heads, span = 3, 2, 8
+    lo, hi = max(0, span - length + 1), min(2 * span, span + length)
+    # q/k/v are strided views of one projection, as in the model.
+    qkv = torch.randn(batch, length, 3, heads, dim, generator=gen).to(dtype)
+    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
+    pos_q, pos_k = (torch.randn(heads, hi - lo, dim, generator=gen).to(dtype) for _ in range(2))
+    pos = torch.randint(0, length, (batch, length), generator=gen)
+    group = torch.randint(-1, 3, (batch, length), generator=gen)
+    slot = torch.randint(-1, 3, (batch, length), generator=gen)
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, max(1, length // 2) :] = False  # right padding
+    valid[2, 1:] = False  # a single real token
+    group[2, 1:] = slot[2, 1:] = -1  # padding as the runner writes it; row 1 keeps garbage
+    lengths = valid.sum(-1).to(torch.int32)
+    return (q, k, v, pos_q, pos_k, pos, group, slot, valid, lengths, span - lo, 0.3), valid
+
+
+def _kernel_checks() -> list[dict[str, Any]]:
+    out = []
+    for length, dim, dtype_name in KERNEL_CASES:
+        args, valid = _case_inputs(length, dim, getattr(torch, dtype_name))
+        exact = [a.float() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+        ref = triton_attention.reference_attention(*exact)
+        for tiles, config in TILES.items():
+            got = triton_attention.disentangled_attention(*args, config=config)
+            dead = got.view(*valid.shape, -1)[~valid]
+            out.append({
+                "case": f"L{length}-D{dim}-{dtype_name}-{tiles}",
+                "dtype": dtype_name, "shape": list(got.shape), "out_dtype": str(got.dtype).removeprefix("torch."),
+                "rel_err": float((got.float() - ref).abs().max() / ref.abs().max()),
+                "finite": bool(torch.isfinite(got).all()), "dead_rows_zero": bool((dead == 0).all()),
+            })
+    return out
+
+
+def _model_checks(tiny: Path) -> dict[str, Any]:
+    from rex_stream.engine.fast_attention import layout_allowed
+    from rex_stream.engine.layout import build_layout
+    from rex_stream.engine.tokenizer import RexTokenizer
+    from rex_stream.engine.weights import load_model
+
+    traces = tiny.parent / "golden" / "traces.jsonl"
+    forwards = [f for line in traces.read_text(encoding="utf-8").splitlines() if line.strip()
+                for f in json.loads(line)["forwards"]]
+    forwards = [f for f in forwards[:7] if len(f["input_ids"]) <= 40]  # lengths 28..37: the interpreter is slow
+    special = RexTokenizer(tiny).special
+    width, n = max(len(f["input_ids"]) for f in forwards), len(forwards)
+    gen = torch.Generator().manual_seed(5)
+    t = {"ids": torch.randint(0, 12804, (n, width), generator=gen), "pos": torch.randint(0, width, (n, width), generator=gen),
+         "group": torch.randint(-1, 3, (n, width), generator=gen), "slot": torch.randint(-1, 3, (n, width), generator=gen),
+         "valid": torch.zeros(n, width, dtype=torch.bool)}  # the padding region is garbage on purpose
+    for b, f in enumerate(forwards):
+        size = len(f["input_ids"])
+        _, group, slot = build_layout(f["input_ids"], special)
+        t["ids"][b, :size], t["pos"][b, :size] = torch.tensor(f["input_ids"]), torch.tensor(f["position_ids"])
+        t["group"][b, :size], t["slot"][b, :size] = torch.from_numpy(group), torch.from_numpy(slot)
+        t["valid"][b, :size] = True
+
+    def run(model: Any, dense: bool = False) -> torch.Tensor:
+        with torch.no_grad():
+            if dense:
+                return model(t["ids"], t["pos"], layout_allowed(t["group"], t["slot"], t["valid"]), t["valid"])
+            return model(t["ids"], t["pos"], None, t["valid"], group=t["group"], slot=t["slot"])
+
+    sdpa = load_model(tiny)[0]
+    fused = load_model(tiny)[0]
+    result: dict[str, Any] = {"mode": fused.set_attention("triton")}
+    ref, got = run(sdpa), run(fused)
+    keep = t["valid"][:, :, None] & t["valid"][:, None, :]
+    result["rel_err"] = float((got - ref).abs()[keep].max() / ref.abs()[keep].max())
+    result["finite"] = bool(torch.isfinite(got).all())
+    result["links_match_traces"] = all(
+        set(map(tuple, (got[b, : len(f["input_ids"]), : len(f["input_ids"])] > 0).nonzero().tolist()))
+        == set(map(tuple, f["positive"])) for b, f in enumerate(forwards))
+    result["dense_mask_call_equals_sdpa"] = bool(torch.equal(run(fused, dense=True), run(sdpa, dense=True)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        result["bf16_finite"] = bool(torch.isfinite(run(fused)).all())
+    result["status"] = fused.fast_path_status()
+    return result
+
+
+def _interpreter_main(argv: list[str]) -> None:
+    assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+    result = _kernel_checks() if argv[0] == "kernel" else _model_checks(Path(argv[1]))
+    print(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------- pytest side
+
+
+def _run_interpreter(*args: str) -> Any:
+    if triton_attention._IMPORT_ERROR is not None:
+        pytest.skip(f"triton not importable: {triton_attention._IMPORT_ERROR}")
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH")]))
+    proc = subprocess.run([sys.executable, __file__, *args], check=False, env=env, capture_output=True, text=True, timeout=600,
+                          cwd=root)
+    assert proc.returncode == 0, f"interpreter run failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def kernel_results() -> dict[str, dict[str, Any]]:
+    return {row["case"]: row for row in _run_interpreter("kernel")}
+
+
+@pytest.fixture(scope="module")
+def model_results(tiny_model: Path) -> dict[str, Any]:
+    if not (tiny_model.parent / "golden" / "traces.jsonl").is_file():
+        pytest.skip(f"no golden traces beside {tiny_model}")
+    return _run_interpreter("model", str(tiny_model))
+
+
+@pytest.mark.parametrize("tiles", list(TILES))
+@pytest.mark.parametrize(("length", "dim", "dtype"), KERNEL_CASES, ids=lambda x: str(x))
+def test_kernel_matches_reference(kernel_results, length: int, dim: int, dtype: str, tiles: str) -> None:
+    row = kernel_results[f"L{length}-D{dim}-{dtype}-{tiles}"]
+    assert row["shape"] == [3, length, 2 * dim] and row["out_dtype"] == dtype
+    assert row["finite"] and row["dead_rows_zero"], row
+    assert row["rel_err"] <= (KERNEL_TOL if dtype == "float32" else LOW_PRECISION_TOL), row
+
+
+def test_model_forward_matches_sdpa(model_results) -> None:
+    r = model_results
+    assert r["mode"] == "triton" and r["status"]["attention_active"] == "triton", r["status"]
+    assert r["finite"] and r["rel_err"] <= MODEL_TOL, r
+    assert r["links_match_traces"]
+    assert r["dense_mask_call_equals_sdpa"]  # no group/slot: SDPA runs, the mode stays on
+    assert r["status"]["self_checks"]["triton/cpu/float32"] < 1e-5
+    assert r["bf16_finite"] and r["status"]["self_checks"]["triton/cpu/bfloat16"] < 0.02
+
+
+# ------------------------------------------------------------------ in-process: plumbing, fallbacks
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    from rex_stream.engine.fast_attention import synthetic_batch
+
+    return synthetic_batch(3, 29, torch.device("cpu"), seed=3)
+
+
+def _forward(model: Any, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(t["ids"], t["pos"], None, t["valid"], group=t["group"], slot=t["slot"])
+
+
+@pytest.fixture
+def model(tiny_model: Path) -> Any:
+    from rex_stream.engine.weights import load_model
+
+    return load_model(tiny_model)[0]
+
+
+def test_no_cuda_no_interpreter_falls_back(model, tiny_model: Path, monkeypatch) -> None:
+    monkeypatch.setattr(triton_attention, "_INTERPRET", False)
+    reason = triton_attention.triton_unavailable_reason("cpu")
+    assert reason is not None
+    t = _batch()
+    ref = _forward(model, t)
+    assert model.set_attention("triton") == "sdpa"
+    status = model.fast_path_status()
+    assert status["attention_requested"] == "triton" and status["attention_active"] == "sdpa"
+    assert status["attention_error"] == reason and status["flex_error"] is None
+    assert torch.equal(_forward(model, t), ref)
+
+
+def test_model_plumbing_with_reference_kernel(model, tiny_model: Path, monkeypatch) -> None:
+    """The model's triton route (lengths, offset, [B, L, H*D] output) with the dense reference as kernel."""
+    calls = []
+
+    def kernel(*args: Any) -> torch.Tensor:
+        calls.append(args)
+        return triton_attention.reference_attention(*args)
+
+    monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(triton_attention, "disentangled_attention", kernel)
+    t = _batch()
+    ref = _forward(model, t)
+    assert model.set_attention("triton") == "triton"
+    got = _forward(model, t)
+    assert model.attention == "triton" and len(calls) == model.cfg.num_hidden_layers  # the self-check reruns SDPA only
+    keep = t["valid"][:, :, None] & t["valid"][:, None, :]
+    assert (got - ref).abs()[keep].max() <= 1e-5 * ref.abs()[keep].max()
+    lengths = calls[0][9]
+    assert lengths.dtype == torch.int32 and lengths.tolist() == t["valid"].sum(-1).tolist()
+    assert model.fast_path_status()["self_checks"]["triton/cpu/float32"] < 1e-5
+
+
+def test_kernel_error_falls_back_once(model, tiny_model: Path, monkeypatch, caplog) -> None:
+    def broken(*args: Any, **kwargs: Any) -> torch.Tensor:
+        raise RuntimeError("synthetic triton failure 4b7e")
+
+    monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(triton_attention, "disentangled_attention", broken)
+    t = _batch()
+    ref = _forward(model, t)
+    model.set_attention("triton")
+    with caplog.at_level(logging.WARNING, logger="rex_stream.engine.model"):
+        assert torch.equal(_forward(model, t), ref)
+        assert torch.equal(_forward(model, t), ref)
+    assert model.attention == "sdpa"
+    assert "4b7e" in model.fast_path_status()["attention_error"]
+    assert sum("4b7e" in r.getMessage() and "triton attention disabled" in r.getMessage()
+               for r in caplog.records) == 1
+
+
+def test_self_check_mismatch_falls_back(model, tiny_model: Path, monkeypatch) -> None:
+    monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(triton_attention, "disentangled_attention",
+                        lambda *a: triton_attention.reference_attention(*a) * 1.5)
+    t = _batch()
+    ref = _forward(model, t)
+    model.set_attention("triton")
+    assert torch.equal(_forward(model, t), ref) and model.attention == "sdpa"
+    assert "FastPathMismatch" in model.fast_path_status()["attention_error"]
+
+
+def test_cli_and_settings_accept_triton() -> None:
+    from rex_stream.cli import build_parser
+    from rex_stream.config import ModelSettings
+    from rex_stream.engine.model import ATTENTION_MODES
+
+    assert "triton" in ATTENTION_MODES
+    assert build_parser().parse_args(["infer", "--attention", "triton"]).attention == "triton"
+    assert ModelSettings(attention="triton").attention == "triton"
+
+
+if __name__ == "__main__":
+    _interpreter_main(sys.argv[1:])
