@@ -92,17 +92,20 @@ def main() -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--batch-messages", type=int, default=2048)
     p.add_argument("--batch-tokens", type=int, default=65536)
+    p.add_argument("--attention", default="sdpa", help="engine attention path (sdpa, flex, triton)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     shared = Path(os.environ.get("REX_SHARED", "../shared"))
     items = load_workload(args.workload, shared, args.messages)
-    engine = Engine(args.model, device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens)
+    engine = Engine(args.model, device=args.device, dtype=args.dtype, batch_tokens=args.batch_tokens,
+                    attention=args.attention)
     engine.infer(items[:256])  # warm-up
     policy = BatchPolicy(args.batch_messages, 10**9, 1000)
     engine_rate = run_engine(engine, items, args.batch_messages)
     worker_rate = run_worker_path(engine, _sources(items), policy)
     result = {"workload": args.workload, "messages": len(items), "device": torch.cuda.get_device_name()
-              if engine.device.type == "cuda" else "cpu", "dtype": args.dtype, "batch_messages": args.batch_messages,
+              if engine.device.type == "cuda" else "cpu", "dtype": args.dtype, "attention": engine.runner.model.attention,
+              "batch_messages": args.batch_messages,
               "engine_msgs_s": engine_rate, "worker_path_msgs_s": worker_rate, "ratio": worker_rate / engine_rate,
               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     print(json.dumps(result, indent=1))

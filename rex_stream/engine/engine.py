@@ -9,6 +9,8 @@ batch mates (padding is isolated), and one failing request or forward never fail
 
 from __future__ import annotations
 
+import atexit
+import gc
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,6 +29,25 @@ from .weights import load_model, resolve_model_dir
 
 # A queued forward: (request index, index among the request's current forwards, the forward).
 _Item = tuple[int, int, Forward]
+
+
+_GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def relax_gc() -> None:
+    """Keep Python's cyclic garbage collector off the hot path of an engine process.
+
+    Every collection of the oldest generation rescans every live container (the model's modules,
+    the tokenizer, torch's own objects); with the default thresholds that happened every few
+    hundred messages and cost about half of the host time per `ner` message (measured on CPU:
+    ~80 -> ~40 µs). What exists once the model is loaded is frozen (never scanned again; unfrozen
+    at exit so interpreter shutdown still frees it), and young collections run less often: the
+    per-message garbage is acyclic and freed by reference counting anyway.
+    """
+    if not gc.get_freeze_count():
+        atexit.register(gc.unfreeze)
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
 
 
 @dataclass
@@ -71,6 +92,7 @@ class Engine:
         self.max_batch = max_batch
         self.limits = limits
         self.stats = EngineStats()
+        relax_gc()
 
     @property
     def model_name(self) -> str:

@@ -161,14 +161,18 @@ def _reinsert_marker(w: Window, text: str, j: int, marker: str, tok: RexTokenize
 
 def _extraction_step(hits: list[Hit], level: Mapping, legal: set, next_level: dict) -> list[list[Result]]:
     found = []
+    types: dict[tuple, tuple[str, ...]] = {}  # per prefix: its type path (many hits share a prefix)
     for hit in hits:
         prefix, name = hit.slot
         child = level[prefix][name]
         if child:
             next_level[prefix + ((name, hit.span, (hit.start, hit.end)),)] = child
-        info = [{"type": e[0].strip(), "span": e[1], "offset": list(e[2])} for e in prefix]
-        info.append({"type": name, "span": hit.span, "offset": [hit.start, hit.end]})
-        if tuple(item["type"] for item in info) in legal:
+        path = types.get(prefix)
+        if path is None:
+            path = types[prefix] = tuple(e[0].strip() for e in prefix)
+        if path + (name,) in legal:
+            info = [{"type": t, "span": e[1], "offset": list(e[2])} for t, e in zip(path, prefix)]
+            info.append({"type": name, "span": hit.span, "offset": [hit.start, hit.end]})
             found.append(info)
     return found
 
