@@ -4,6 +4,7 @@
 # Expects the package importable and REX_SHARED set (see bench/run_gpu.sh).
 set -uo pipefail
 out=$1
+re_messages=${2:-10000}
 py=${PYTHON:-python3}
 shared=${REX_SHARED:-../shared}
 base=${REX_BENCH_BASE:-/tmp/rex-random-base}
@@ -13,9 +14,8 @@ mkdir -p "$out"
     --vocab "$shared/rex/tiny-random/vocab.txt"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" | tee -a "$out/gpu.txt"
-for shape in "64 128" "16 512"; do
-    set -- $shape
-    timeout 120 $py -m rex_stream.engine.fast_attention --device cuda --size base --batch "$1" --lengths "$2" \
+for shape in 64x128 16x512; do
+    timeout 120 $py -m rex_stream.engine.fast_attention --device cuda --size base --batch "${shape%x*}" --lengths "${shape#*x}" \
         --dtypes bf16 --cases sdpa,triton --repeats 10 2>&1 | tail -6 | tee -a "$out/kernel.txt"
 done
 $py - "$shared" "$out" <<'PY' 2>&1 | tail -3 | tee -a "$out/kernel.txt"
@@ -36,7 +36,7 @@ for attention in ("triton",):
 PY
 for attention in ${REX_PROBE_ATTENTION:-sdpa triton}; do
     mkdir -p "$out/$attention"
-    timeout 280 $py -m rex_stream.cli bench --workload ner,re --messages "20000,${2:-10000}" --model "$base" \
+    timeout 280 $py -m rex_stream.cli bench --workload ner,re --messages "20000,$re_messages" --model "$base" \
         --device cuda --budgets 65536 --baseline-a-messages 60 --agreement-messages 300 \
         --engine-kwargs "{\"attention\": \"$attention\"}" --out "$out/$attention" 2>&1 | grep -E "^\S*\(|msg/s|FAILED|Error" | tail -14
 done

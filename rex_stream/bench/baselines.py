@@ -130,8 +130,8 @@ def peak_memory(device: torch.device) -> int | None:
 @dataclass
 class BatchRecord:
     """One device batch. `seconds`: wall latency from padding to links on the host (batches of the
-    engine's pipeline overlap); `device_seconds`: from its first kernel to its copies out (CUDA
-    events; equal to `seconds` where nothing overlaps)."""
+    engine's pipeline overlap); `device_seconds`: from its first kernel to its last on the main
+    stream (CUDA events; equal to `seconds` where nothing overlaps)."""
 
     forwards: int
     width: int
@@ -229,8 +229,8 @@ class TimedRunner:
         links = self.inner.collect(fetched)
         seconds = time.perf_counter() - fetched.prepared.started
         device_seconds = None
-        if fetched.gpu_start is not None and fetched.done is not None:
-            device_seconds = fetched.gpu_start.elapsed_time(fetched.done) / 1e3
+        if fetched.gpu_start is not None and fetched.ready is not None:
+            device_seconds = fetched.gpu_start.elapsed_time(fetched.ready) / 1e3
         lengths = fetched.prepared.lengths
         self.records.append(BatchRecord(len(lengths), max(lengths), sum(lengths), seconds,
                                         sum(self._flops(n) for n in lengths), device_seconds))

@@ -90,6 +90,7 @@ class Engine:
         self.dtype = dtype
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
+        self.pipeline_depth = 3  # batches in flight: the one the host decodes and those queued behind it
         self.limits = limits
         self.stats = EngineStats()
         relax_gc()
@@ -181,36 +182,37 @@ class Engine:
     def _pipeline(self, pool: list[_Item], deliver: Callable[[_Item, Links | BaseException], None]) -> None:
         """Run every queued forward, including those `deliver` queues while decoding.
 
-        Two batches overlap: while the device computes batch k+1, the host copies out and decodes
-        batch k (whose results may queue next-level forwards into `pool`) and pads batch k+2. The
-        pool is planned into batches whenever the planned ones run out, so a level's forwards are
-        batched together as in a wavefront. A batch that runs out of device memory is split in half
-        and retried; a single forward that does not fit fails alone.
+        Up to `pipeline_depth` - 1 batches are queued on the device behind the one the host is
+        copying out and decoding (whose results may queue next-level forwards into `pool`), so the
+        device keeps computing while the host works. The pool is planned into batches whenever the
+        planned ones run out, so a level's forwards are batched together as in a wavefront. A batch
+        that runs out of device memory is split in half and retried; a single forward that does not
+        fit fails alone.
         """
         queue: deque[list[_Item]] = deque()
-        current: tuple[list[_Item], Launched] | None = None
+        inflight: deque[tuple[list[_Item], Launched]] = deque()
         while True:
-            if not queue and pool:
-                queue.extend([pool[k] for k in batch] for batch in self.plan([f for _, _, f in pool]))
-                pool.clear()
-            following = None
-            if queue:
+            while len(inflight) < self.pipeline_depth:
+                if not queue and pool:
+                    queue.extend([pool[k] for k in batch] for batch in self.plan([f for _, _, f in pool]))
+                    pool.clear()
+                if not queue:
+                    break
                 items = queue.popleft()
-                following = (items, self.runner.prepare([f for _, _, f in items]))
-            fetched = None
-            if current is not None:
-                fetched = self._guard(current[0], queue, deliver, lambda c=current: self.runner.fetch(c[1]))
-            launched = None
-            if following is not None:
-                launched = self._guard(following[0], queue, deliver,
-                                       lambda f=following: self.runner.launch(f[1]))
-            if current is not None and fetched is not None:
-                self._count(current[0])
-                for item, link in zip(current[0], self.runner.collect(fetched)):
+                prepared = self.runner.prepare([f for _, _, f in items])
+                launched = self._guard(items, queue, deliver, lambda p=prepared: self.runner.launch(p))
+                if launched is not None:
+                    inflight.append((items, launched))
+            if not inflight:
+                if not queue and not pool:
+                    return
+                continue
+            items, launched = inflight.popleft()
+            fetched = self._guard(items, queue, deliver, lambda x=launched: self.runner.fetch(x))
+            if fetched is not None:
+                self._count(items)
+                for item, link in zip(items, self.runner.collect(fetched)):
                     deliver(item, link)
-            current = None if launched is None else (following[0], launched)  # type: ignore[index]
-            if current is None and not queue and not pool:
-                return
 
     def _guard(self, items: list[_Item], queue: deque[list[_Item]],
                deliver: Callable[[_Item, Links | BaseException], None], stage: Callable[[], Any]) -> Any:

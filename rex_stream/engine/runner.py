@@ -6,9 +6,10 @@ links of the decodable region (plus one row/column for classification) come back
 
 A batch goes through four stages so the engine can overlap them across batches (see
 `Engine._pipeline`): `prepare` (host arrays, async copy in), `launch` (the model and the link
-masks, queued on the device without waiting), `fetch` (waits for the batch's own kernels, queues
-the copies out) and `collect` (waits for those copies, builds `Links`). Between `fetch` of batch k
-and its `collect`, the engine launches batch k+1, so the device computes while the host decodes.
+masks, queued on the device without waiting), `fetch` (link extraction and the copies out, on a
+side stream that waits for this batch only) and `collect` (waits for those copies, builds
+`Links`). Because extraction runs on its own stream, later batches can already be queued on the
+main stream while the host waits for, copies out and decodes an earlier one.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Launched:
     prepared: Prepared
     logits: torch.Tensor
     keep: torch.Tensor  # [B, L, L] bool: the links worth sending back
+    ready: torch.cuda.Event | None  # the batch's kernels on the main stream are done once this fires
     gpu_start: torch.cuda.Event | None
 
 
@@ -67,6 +69,7 @@ class Fetched:
     cls_rows: torch.Tensor | None
     cls_cols: torch.Tensor | None
     gpu_start: torch.cuda.Event | None
+    ready: torch.cuda.Event | None
     done: torch.cuda.Event | None  # the copies out have landed once this fires
 
 
@@ -86,7 +89,8 @@ class ForwardRunner:
         self.device = device
         self.dtype = dtype
         self.cuda = device.type == "cuda"
-        self.timing = False  # record CUDA events per batch (benchmarks read Fetched.gpu_start/done)
+        self._side = torch.cuda.Stream(device) if self.cuda else None  # link extraction and copies out
+        self.timing = False  # time each batch with CUDA events (benchmarks read Fetched.gpu_start/ready)
 
     def _hint_layout(self, f: Forward) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
         """Layout of the `[CLS] hint [SEP]` part, cached: many forwards share a hint."""
@@ -192,23 +196,30 @@ class ForwardRunner:
         tails = positive & is_type[:, :, None] & text[:, None, :]
         has_head, has_tail = heads.any(-1), tails.any(-2)
         spans = positive & (has_head[:, :, None] & has_tail[:, None, :]) & (idx[:, None] <= idx[None, :])
-        return Launched(prepared, logits, heads | tails | spans, gpu_start)
+        return Launched(prepared, logits, heads | tails | spans, self._event(), gpu_start)
 
     @torch.inference_mode()
     def fetch(self, launched: Launched) -> Fetched:
-        """Wait for this batch's kernels (only its own: later batches are queued behind the copies)."""
-        prepared, logits = launched.prepared, launched.logits
-        where = launched.keep.nonzero()  # the one host wait: the number of links is data-dependent
-        counts = torch.bincount(where[:, 0], minlength=logits.shape[0])
-        scores = self.score(logits[where[:, 0], where[:, 2], where[:, 1]])
-        rows = cols = None
-        cls = [b for b, want in enumerate(prepared.want_cls) if want]
-        if cls:
-            b = torch.tensor(cls, device=logits.device)
-            h = prepared.tensors["nh"][b]
-            rows, cols = self._to_host(self.score(logits[b, h, :])), self._to_host(self.score(logits[b, :, h]))
-        return Fetched(prepared, self._to_host(counts), self._to_host(where[:, 1:].to(torch.int32)),
-                       self._to_host(scores), rows, cols, launched.gpu_start, self._event())
+        """Extract and queue the copies out on the side stream: waits for this batch's kernels only."""
+        prepared, logits, keep = launched.prepared, launched.logits, launched.keep
+        stream = nullcontext()
+        if self._side is not None and launched.ready is not None:
+            self._side.wait_event(launched.ready)
+            for t in (logits, keep, prepared.tensors["nh"]):
+                t.record_stream(self._side)  # made on the main stream, read on the side one
+            stream = torch.cuda.stream(self._side)
+        with stream:
+            where = keep.nonzero()  # the one host wait: the number of links is data-dependent
+            counts = torch.bincount(where[:, 0], minlength=logits.shape[0])
+            scores = self.score(logits[where[:, 0], where[:, 2], where[:, 1]])
+            rows = cols = None
+            cls = [b for b, want in enumerate(prepared.want_cls) if want]
+            if cls:
+                b = torch.tensor(cls, device=logits.device)
+                h = prepared.tensors["nh"][b]
+                rows, cols = self._to_host(self.score(logits[b, h, :])), self._to_host(self.score(logits[b, :, h]))
+            return Fetched(prepared, self._to_host(counts), self._to_host(where[:, 1:].to(torch.int32)),
+                           self._to_host(scores), rows, cols, launched.gpu_start, launched.ready, self._event())
 
     def collect(self, fetched: Fetched) -> list[Links]:
         """Links of every forward of the batch, in order (waits for the copies out only)."""
