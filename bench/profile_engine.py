@@ -1,19 +1,39 @@
-"""Profile one engine run on a GPU (torch.profiler kernel table + cProfile of the host side)."""
-import json, time, torch, sys
-from torch.profiler import profile, ProfilerActivity
-from rex_stream.engine.engine import Engine
+"""Profile the engine on one GPU: kernel time table, and how busy the GPU is over the wall time.
+
+`python bench/profile_engine.py MODEL_DIR [WORKLOAD] [ATTENTION] [MESSAGES]` (REX_SHARED must point at
+the shared data). Prints the top CUDA kernels by total time, the summed kernel time against the
+wall time of the same pass (a lower bound on GPU idleness), and the engine's stats.
+"""
+import sys
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
 from rex_stream.bench.workloads import load_workload
-eng = Engine(sys.argv[1], device='cuda', dtype='bf16', batch_tokens=65536)
-items = load_workload('ner', '.devdata', 4096)[:4096]
-eng.infer(items[:1024]); torch.cuda.synchronize()
-t=time.perf_counter(); eng.infer(items); torch.cuda.synchronize(); dt=time.perf_counter()-t
-print('engine', len(items)/dt, 'msg/s', eng.stats)
-with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-    eng.infer(items); torch.cuda.synchronize()
-ka = prof.key_averages()
-print(ka.table(sort_by='cuda_time_total', row_limit=22, max_name_column_width=60))
-print(ka.table(sort_by='self_cpu_time_total', row_limit=15, max_name_column_width=60))
-# split: time in runner.logits vs rest
-import cProfile, pstats
-cProfile.run('eng.infer(items); torch.cuda.synchronize()', '/tmp/p.out')
-pstats.Stats('/tmp/p.out').sort_stats('cumtime').print_stats(25)
+from rex_stream.engine.engine import Engine
+
+model = sys.argv[1]
+workload = sys.argv[2] if len(sys.argv) > 2 else "ner"
+attention = sys.argv[3] if len(sys.argv) > 3 else "sdpa"
+count = int(sys.argv[4]) if len(sys.argv) > 4 else 8192
+eng = Engine(model, device="cuda", dtype="bf16", batch_tokens=65536, attention=attention)
+items = load_workload(workload, None, count)
+eng.infer(items)  # warm-up: kernels compiled, allocator warm
+torch.cuda.synchronize()
+start = time.perf_counter()
+eng.infer(items)
+torch.cuda.synchronize()
+wall = time.perf_counter() - start
+print(f"{workload} {attention}: {len(items) / wall:.0f} msg/s unprofiled ({wall * 1e3:.0f} ms)")
+with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    start = time.perf_counter()
+    eng.infer(items)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - start
+events = prof.key_averages()
+kernel = sum(e.self_device_time_total for e in events) / 1e6
+print(f"profiled pass: wall {wall * 1e3:.0f} ms, summed CUDA kernel time {kernel * 1e3:.0f} ms "
+      f"({kernel / wall:.0%} of wall)")
+print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+print(eng.runner.model.fast_path_status())
