@@ -34,10 +34,11 @@ def _region(t: dict[str, torch.Tensor], width: int) -> torch.Tensor:
     return ((text_row & text_col & (idx[:, None] <= idx[None, :])) | (text_row ^ text_col)) & valid
 
 
-def compare(model: str, cases: list[dict], device: str, dtype: str, batch_tokens: int = 32768) -> dict:
+def compare(model: str, cases: list[dict], device: str, dtype: str, batch_tokens: int = 32768,
+            attention: str = "sdpa") -> dict:
     limits = Limits(allow_empty_text=True)
     ref = Engine(model, device=device, dtype="fp32", batch_tokens=batch_tokens, limits=limits)
-    low = Engine(model, device=device, dtype=dtype, batch_tokens=batch_tokens, limits=limits)
+    low = Engine(model, device=device, dtype=dtype, batch_tokens=batch_tokens, limits=limits, attention=attention)
     items = [(c["text"], c["schema"]) for c in cases]
 
     captured: list[Forward] = []
@@ -84,7 +85,7 @@ def compare(model: str, cases: list[dict], device: str, dtype: str, batch_tokens
     differing = [c["id"] for c, x, y in zip(cases, out_ref, out_low) if x.output != y.output]
     return {
         "model": model, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "dtype": dtype, "cases": len(cases), "forwards": len(captured),
+        "dtype": dtype, "attention": low.runner.model.attention, "cases": len(cases), "forwards": len(captured),
         "logit_max_abs_error": max_err, "logit_p99_abs_error": p99, "logit_rms_fp32": spread,
         "max_error_over_rms": max_err / spread if spread else None,
         "identical_outputs": same, "identical_share": same / len(cases),
@@ -102,6 +103,7 @@ def main() -> int:
     p.add_argument("--cases", required=True, help="JSON Lines with text and schema (e.g. golden/public.jsonl)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
+    p.add_argument("--attention", default="sdpa", help="reduced-precision engine's attention path")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -109,7 +111,7 @@ def main() -> int:
     cases = [c if "id" in c else {**c, "id": str(i)} for i, c in enumerate(cases)]
     if args.limit:
         cases = cases[: args.limit]
-    result = compare(args.model, cases, args.device, args.dtype)
+    result = compare(args.model, cases, args.device, args.dtype, attention=args.attention)
     print(json.dumps(result, ensure_ascii=False, indent=1))
     if args.out:
         write_json(result, args.out)

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Every issue-4 figure in one device call (<10 min on one H100): `bench/run_issue4.sh RESULTS_DIR`.
+# Needs the package importable and REX_SHARED (rex/tiny-random, rex/golden, rex/data). Steps, most
+# important first, each under its own time limit so one slow step cannot lose the others:
+#   1. rex-stream bench ner,re,mix (one process; engine = bf16 + triton attention, budget 65536)
+#   2. precision of that engine path against our fp32 path (tiny golden cases, base-model mix cases)
+#   3. worker path (no broker) against the bare engine, ner
+#   4. a kernel profile of the engine on ner
+set -uo pipefail
+res=$1
+py=${PYTHON:-python3}
+shared=${REX_SHARED:-../shared}
+base=${REX_BENCH_BASE:-/tmp/rex-random-base}
+attention=${REX_BENCH_ATTENTION:-triton}
+export PYTHONUNBUFFERED=1
+mkdir -p "$res"
+[[ -f $base/config.json ]] || $py -m rex_stream.cli model random --out "$base" --size base --seed 0 \
+    --vocab "$shared/rex/tiny-random/vocab.txt" >/dev/null
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$res/gpu.txt"
+$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$res/gpu.txt"
+
+timeout ${REX_T_BENCH:-360} $py -m rex_stream.cli bench --workload ner,re,mix \
+    --messages "${REX_BENCH_MESSAGES:-20000,20000,4000}" --model "$base" --device cuda --budgets 65536 \
+    --baseline-a-messages 60 --agreement-messages 300 --engine-kwargs "{\"attention\": \"$attention\"}" \
+    --out "$res" 2>&1 | grep -vE "^\s*$" | grep -E "^\[bench|engine best|^\(" | tail -30
+
+$py - "$shared" "$res/mix_cases.jsonl" <<'PY'
+import json, sys
+from rex_stream.bench.workloads import load_workload
+with open(sys.argv[2], "w") as f:
+    for i, (t, s) in enumerate(load_workload("mix", sys.argv[1], 700)):
+        f.write(json.dumps({"id": str(i), "text": t, "schema": s}, ensure_ascii=False) + "\n")
+PY
+for spec in "tiny:$shared/rex/golden/public.jsonl:$shared/rex/tiny-random" "base:$res/mix_cases.jsonl:$base"; do
+    IFS=: read -r name cases model <<<"$spec"
+    timeout 90 $py -m rex_stream.bench.precision --model "$model" --cases "$cases" --device cuda --dtype bf16 \
+        --attention "$attention" --out "$res/precision-$name-bf16-$attention.json" \
+        | grep -E '"(attention|logit_max_abs_error|identical_share|flip_max_abs_fp32_logit|flips_within_error)"'
+done
+timeout 75 $py -m rex_stream.bench.worker_path --model "$base" --workload ner --messages 20000 --device cuda \
+    --attention "$attention" --out "$res/worker-path-ner.json" | grep -E "msgs_s|ratio"
+timeout 45 $py bench/profile_engine.py "$base" ner "$attention" 8192 > "$res/profile-ner-$attention.txt" 2>&1
+head -4 "$res/profile-ner-$attention.txt"
