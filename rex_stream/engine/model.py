@@ -92,6 +92,16 @@ class _Layer(nn.Module):
         )
         self.intermediate = nn.ModuleDict({"dense": nn.Linear(h, cfg.intermediate_size)})
         self.output = _DenseLayerNorm(cfg.intermediate_size, h, cfg.layer_norm_eps)
+        # (weight [3h, h], bias [3h]): query/key/value projections stacked, in the reduced matmul dtype
+        # (``RexModel.store_matmul_weights``). A plain attribute, so never in the state_dict; the three
+        # modules above stay the source of truth (``RexModel.clear_cache`` drops this copy).
+        self.qkv: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def fuse_qkv(self) -> None:
+        """Stack the query/key/value weights and biases, as they are now, into ``self.qkv``."""
+        linears = [self.attention["self"][name] for name in ("query_proj", "key_proj", "value_proj")]
+        with torch.no_grad():
+            self.qkv = (torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears]))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, length, _ = x.shape
@@ -117,10 +127,15 @@ class _Layer(nn.Module):
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """``attend(q, k, v, pos_q, pos_k)`` returns the [B, L, H*D] context, dead rows already zero."""
-        proj = self.attention["self"]
-        q = self._split(proj["query_proj"](x))
-        k = self._split(proj["key_proj"](x))
-        v = self._split(proj["value_proj"](x))
+        if self.qkv is not None:
+            # One GEMM (and, under autocast, one cast of x) instead of three; q, k, v are strided views
+            # of its [B, L, 3h] output, the same row-wise products as the three projections.
+            q, k, v = (self._split(t) for t in F.linear(x, *self.qkv).chunk(3, dim=-1))
+        else:
+            proj = self.attention["self"]
+            q = self._split(proj["query_proj"](x))
+            k = self._split(proj["key_proj"](x))
+            v = self._split(proj["value_proj"](x))
         ctx = attend(q, k, v, pos_q, pos_k)
         attn = self.attention["output"](ctx, x)
         return self.output(F.gelu(self.intermediate["dense"](attn)), attn)
@@ -216,8 +231,10 @@ class RexModel(nn.Module):
     """RexUniNLU: encoder -> ffnq/ffnk -> rotary -> unscaled q.k^T link logits.
 
     The relative-position projections are cached per (device, compute dtype) on first use;
-    ``prepare()`` fills the cache eagerly. The cache is cleared on ``.to()``/``.half()``/...
-    and on ``load_state_dict``; call ``clear_cache()`` after editing weights in place.
+    ``prepare()`` fills the cache eagerly. After ``store_matmul_weights`` with a 16-bit dtype each
+    layer also holds its fused QKV weight (``_Layer.qkv``), rebuilt from the three projections on the
+    next forward after a clear. The caches are cleared on ``.to()``/``.half()``/... and on
+    ``load_state_dict``; call ``clear_cache()`` after editing weights in place.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -230,6 +247,8 @@ class RexModel(nn.Module):
         head_dim = cfg.hidden_size // cfg.num_attention_heads
         self._scale = 1.0 / math.sqrt(head_dim * 3)  # content + c2p + p2c
         self._rel_cache: dict[tuple[torch.device, torch.dtype], _RelCache] = {}
+        self._qkv_dtype: torch.dtype | None = None  # fuse q/k/v while their weights are stored in this dtype
+        self._qkv_fresh = False  # the layers' fused QKV weights match the current weights (or are not wanted)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.clear_cache())
         # Optional fast paths (set_attention / compile_encoder); the defaults are the exact SDPA path.
         self._attention = "sdpa"
@@ -248,6 +267,9 @@ class RexModel(nn.Module):
 
     def clear_cache(self) -> None:
         self._rel_cache.clear()
+        for layer in self.plm.encoder.layer:
+            layer.qkv = None
+        self._qkv_fresh = False
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> RexModel:
         # Every .to()/.cuda()/.half() goes through here: cached tables would be on the old device/dtype.
@@ -261,11 +283,33 @@ class RexModel(nn.Module):
         on an H100, measured); storing the cast once gives the same numbers. LayerNorms and
         embeddings stay fp32 (autocast runs them in fp32), and so do the head and rotary freqs. The
         relative tables are computed first, from the fp32 weights.
+
+        For a 16-bit ``dtype`` each layer's query/key/value projections are also stacked into one
+        [3*hidden, hidden] weight in that dtype (``_Layer.qkv``, not in the state_dict): one GEMM and
+        one autocast cast of the layer input instead of three (an extra copy of those weights: ~42 MB
+        in bf16 for the base model). Rebuilt after ``clear_cache()`` (so after ``.to()`` and
+        ``load_state_dict``) whenever the projections are still stored in ``dtype``.
         """
         self.prepare(dtype)
         for module in self.plm.modules():
             if isinstance(module, (nn.Linear, nn.Conv1d)):
                 module.to(dtype)
+        self._qkv_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
+        self._qkv_fresh = False
+        self._fuse_qkv()
+
+    def _fuse_qkv(self) -> None:
+        """(Re)build the fused QKV weights if wanted and the projections are in the wanted dtype."""
+        if not self._qkv_fresh:
+            self._qkv_fresh = True
+            for layer in self.plm.encoder.layer:
+                proj = layer.attention["self"]
+                tensors = [t for name in ("query_proj", "key_proj", "value_proj")
+                           for t in (proj[name].weight, proj[name].bias)]
+                if self._qkv_dtype is not None and all(t.dtype == self._qkv_dtype for t in tensors):
+                    layer.fuse_qkv()
+                else:
+                    layer.qkv = None  # e.g. .float() after store_matmul_weights: back to the fp32 path
 
     def prepare(self, dtype: torch.dtype | None = None) -> None:
         """Fill the relative-projection cache for ``dtype`` (default: the weights' dtype)."""
@@ -448,6 +492,7 @@ class RexModel(nn.Module):
             if torch.is_autocast_enabled(device.type)
             else self.ffnq.weight.dtype
         )
+        self._fuse_qkv()  # no-op unless the fused QKV weights were wanted and cleared since
         args = (input_ids, position_ids, attention_mask, token_mask, group, slot,
                 self._relative_tables(device, compute_dtype))
         # The triton kernel needs group/slot; a forward given only a dense mask runs SDPA instead.
