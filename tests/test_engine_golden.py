@@ -50,3 +50,27 @@ def test_sigmoid_scoring_changes_only_classification(tiny_model: Path, golden_ca
             assert outcome.output == case["output"], case["id"]
     differing = sum(o.output != c["output"] for c, o in zip(golden_cases, outcomes))
     assert 0 < differing < 40
+
+
+@pytest.mark.parametrize("depth,budget", [(1, 16384), (3, 600), (5, 2048)])
+def test_pipeline_depth_and_budget_do_not_change_answers(tiny_model: Path, golden_cases: list[dict],
+                                                        depth: int, budget: int):
+    """Small budgets force many batches per level and plans made while batches are in flight."""
+    engine = Engine(tiny_model, limits=Limits(allow_empty_text=True), batch_tokens=budget)
+    engine.pipeline_depth = depth
+    outcomes = engine.infer([(c["text"], c["schema"]) for c in golden_cases])
+    wrong = [c["id"] for c, o in zip(golden_cases, outcomes) if o.output != c["output"] or o.forwards != c["forwards"]]
+    assert not wrong, wrong[:5]
+    assert engine.stats.forwards == sum(c["forwards"] for c in golden_cases)
+    if budget < 1000:
+        assert engine.stats.batches > 100  # the pipeline really ran many overlapping batches
+
+
+def test_engine_freezes_gc_after_load(tiny_model: Path):
+    import gc
+
+    from rex_stream.engine import engine as engine_module
+
+    Engine(tiny_model)
+    assert gc.get_freeze_count() > 0
+    assert gc.get_threshold() == engine_module._GC_THRESHOLDS

@@ -64,7 +64,7 @@ def _case_inputs(length: int, dim: int, dtype: torch.dtype, device: str = "cpu")
 
 # The kernel's runtime ints that change with the batch shape: specialising on them (value 1, a
 # multiple of 16) would compile a new kernel for many batches. The strides stay specialised.
-SHAPE_INTS = {"H", "L", "R", "offset"}
+SHAPE_INTS = {"B", "H", "L", "R", "offset"}
 
 
 def _unspecialised(kernel: Any) -> set[str] | None:
@@ -202,7 +202,7 @@ def test_interpreted_kernel_does_not_specialise_on_shapes(kernel_results) -> Non
 
 
 def test_kernel_does_not_specialise_on_shapes() -> None:
-    """The compiled (non-interpreter) kernel object: H, L, R, offset unspecialised, strides specialised."""
+    """The compiled (non-interpreter) kernel object: B, H, L, R, offset unspecialised, strides specialised."""
     if triton_attention._IMPORT_ERROR is not None:
         pytest.skip(f"triton not importable: {triton_attention._IMPORT_ERROR}")
     names = _unspecialised(triton_attention._disentangled_fwd)

@@ -2,11 +2,12 @@
 
 The default ("sdpa") path materialises, per layer, an int64 [B, H, L, L] gather index, two gathered
 bias tensors, their sum and a masked copy, and SDPA then reads the dense bias back. Here none of
-that exists: the two [B, H, L, R] position tables
+that exists: the two [H, B, L, R] position tables
 
 * ``C2P = q @ pos_k^T`` (content-to-position) and ``P2C = k @ pos_q^T`` (position-to-content),
 
-are computed with ordinary matmuls (R <= 2L-1 reachable relative distances, tables pre-scaled),
+are computed with one batched matmul per table, head-major so each head is a single tall GEMM
+([B*L, D] x [D, R], reading q/k in place; R <= 2L-1 reachable relative distances, tables pre-scaled),
 and one flash-attention style kernel computes, per (batch b, head h) and query tile,
 
     score_ij = scale * q_i.k_j + C2P[i, d_ij] + P2C[j, d_ij],
@@ -57,7 +58,7 @@ KERNEL_CONFIGS: dict[str, dict[str, int]] = {
 
 
 # Runtime integers of ``_disentangled_fwd`` that triton must not specialise on (see there).
-DO_NOT_SPECIALIZE = ("H", "L", "R", "offset")
+DO_NOT_SPECIALIZE = ("B", "H", "L", "R", "offset")
 
 
 def triton_unavailable_reason(device: torch.device | str) -> str | None:
@@ -99,7 +100,7 @@ if triton is not None:
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
-        H, L, R, offset, qk_scale,
+        B, H, L, R, offset, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
@@ -128,8 +129,8 @@ if triton is not None:
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)
 
-        # The [B, H, L, R] tables are contiguous; row i of (b, h) starts at ((b*H + h)*L + i)*R.
-        table = (b * H + h) * L * R
+        # The [H, B, L, R] tables are contiguous; row i of (b, h) starts at ((h*B + b)*L + i)*R.
+        table = (h * B + b) * L * R
         c2p_rows = C2P + table + offs_m.to(tl.int64)[:, None] * R
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -208,7 +209,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor
         q, k, v, c2p, p2c, position_ids.contiguous(), group.contiguous(), slot.contiguous(), valid,
         lengths.to(torch.int32).contiguous(), out,
         *q.stride(), *k.stride(), *v.stride(),
-        heads, length, c2p.shape[-1], int(offset), float(scale) * 1.4426950408889634,
+        batch, heads, length, c2p.shape[-1], int(offset), float(scale) * 1.4426950408889634,
         HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if ieee else "tf32",
         # The interpreter's tl.dot is wrong on bf16 operands (triton 3.9: garbage even for one 16x16
@@ -235,6 +236,18 @@ if triton is not None:
         return q.new_empty(batch, length, heads, dim)
 
 
+def _table(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[H, B, L, R] = x @ pos^T per head, as one bmm of H tall GEMMs.
+
+    For the model's projections ([B, L, n*hidden] outputs viewed as [B, H, L, D]) the head-major
+    [H, B*L, D] view needs no copy; broadcasting x @ pos^T over the batch instead ran B*H small
+    GEMMs on an old kernel plus a copy of x (~14% of GPU time on ner, measured on an H100).
+    """
+    batch, heads, length, dim = x.shape
+    flat = x.permute(1, 0, 2, 3).reshape(heads, batch * length, dim)
+    return torch.bmm(flat, pos.transpose(-1, -2)).view(heads, batch, length, -1)
+
+
 def disentangled_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
     position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
@@ -251,9 +264,7 @@ def disentangled_attention(
     if reason is not None:
         raise RuntimeError(reason)
     batch, heads, length, dim = q.shape
-    # cuBLAS tables [B, H, L, R]; matmul outputs are fresh contiguous tensors.
-    c2p = (q @ pos_k.transpose(-1, -2)).contiguous()
-    p2c = (k @ pos_q.transpose(-1, -2)).contiguous()
+    c2p, p2c = _table(q, pos_k), _table(k, pos_q)
     tensors = (q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths)
     if torch.compiler.is_compiling():
         out = _launch_op(*tensors, int(offset), float(scale))
