@@ -32,7 +32,8 @@ def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: A
         torch.cuda.set_device(rank % args["gpus"])
     items = load_workload(args["workload"], args["shared"], args["messages"])[rank::procs]
     device = f"cuda:{rank % args['gpus']}" if args["device"] == "cuda" else args["device"]
-    engine = Engine(args["model"], device=device, dtype=args["dtype"], batch_tokens=args["batch_tokens"])
+    engine = Engine(args["model"], device=device, dtype=args["dtype"], batch_tokens=args["batch_tokens"],
+                    attention=args["attention"])
     engine.infer(items[:128])
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
@@ -72,11 +73,12 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--batch-tokens", type=int, default=65536)
+    p.add_argument("--attention", default="sdpa", help="engine attention path (sdpa, flex, triton)")
     p.add_argument("--chunk", type=int, default=2048, help="messages per engine.infer call")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     args = {"model": a.model, "workload": a.workload, "messages": a.messages, "device": a.device, "dtype": a.dtype,
-            "batch_tokens": a.batch_tokens, "chunk": a.chunk, "gpus": a.gpus,
+            "batch_tokens": a.batch_tokens, "chunk": a.chunk, "gpus": a.gpus, "attention": a.attention,
             "shared": os.environ.get("REX_SHARED", "../shared")}
     rows = [measure(int(n), args) for n in a.procs.split(",")]
     base = rows[0]["msgs_s"]
@@ -85,7 +87,7 @@ def main() -> int:
         print(f"{row['procs']:>3} processes: {row['msgs_s']:9.1f} msg/s ({row['speedup_vs_first']:.2f}x)", flush=True)
     import torch
 
-    result = {"workload": a.workload, "gpus": a.gpus, "dtype": a.dtype, "rows": rows,
+    result = {"workload": a.workload, "gpus": a.gpus, "dtype": a.dtype, "attention": a.attention, "rows": rows,
               "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
               "cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if a.out:
