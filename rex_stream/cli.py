@@ -17,8 +17,9 @@ def _engine_flags(p: argparse.ArgumentParser, device: str = "cpu", dtype: str = 
     p.add_argument("--batch-tokens", type=int, default=16384, help="padded tokens per device batch")
     p.add_argument("--cls-score", default="logit", choices=["logit", "sigmoid"],
                    help="classification confidence: logit (golden data) or sigmoid (shipped code)")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "flex", "triton"],
-                   help="sdpa: exact reference numerics; flex / triton: fused kernels (GPU), self-checked against sdpa")
+    p.add_argument("--attention", default="auto", choices=["auto", "sdpa", "flex", "triton"],
+                   help="sdpa: exact reference numerics; flex / triton: fused kernels (GPU), self-checked against "
+                        "sdpa; auto (default): triton for bf16/fp16 on CUDA, else sdpa")
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (self-checked, falls back)")
 
 

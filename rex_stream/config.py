@@ -84,8 +84,9 @@ class ModelSettings(BaseModel):
     device: str = "cuda"
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
     engine_batch_tokens: int = 32_768
-    attention: Literal["sdpa", "flex", "triton"] = Field(
-        "sdpa", description="flex / triton: fused GPU kernels, self-checked vs sdpa")
+    attention: Literal["auto", "sdpa", "flex", "triton"] = Field(
+        "auto", description="auto: triton for bf16/fp16 on CUDA, else sdpa; flex / triton: fused GPU kernels, "
+                            "self-checked vs sdpa")
     compile: bool = Field(False, description="torch.compile the encoder (self-checked, falls back to eager)")
     default_schema: dict[str, Any] | None = Field(None, description="used for plain-text messages")
 

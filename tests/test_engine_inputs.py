@@ -103,3 +103,16 @@ def test_bad_requests_have_clear_errors(text, schema, code):
 
 def test_empty_text_is_allowed_in_reference_mode():
     assert validate("", {"a": None}, Limits(allow_empty_text=True)).text == ""
+
+
+def test_auto_attention_is_triton_only_for_reduced_precision_on_cuda():
+    import torch
+
+    from rex_stream.engine.engine import resolve_attention
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_attention("auto", cuda, "bf16") == "triton"
+    assert resolve_attention("auto", cuda, "fp16") == "triton"
+    assert resolve_attention("auto", cuda, "fp32") == "sdpa"  # the exact path the golden tests pin
+    assert resolve_attention("auto", cpu, "bf16") == "sdpa"
+    assert resolve_attention("flex", cpu, "fp32") == "flex"  # an explicit choice is kept

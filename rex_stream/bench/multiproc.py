@@ -73,7 +73,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--batch-tokens", type=int, default=65536)
-    p.add_argument("--attention", default="sdpa", help="engine attention path (sdpa, flex, triton)")
+    p.add_argument("--attention", default="auto", help="engine attention path (auto, sdpa, flex, triton)")
     p.add_argument("--chunk", type=int, default=2048, help="messages per engine.infer call")
     p.add_argument("--out", type=Path)
     a = p.parse_args()

@@ -35,7 +35,7 @@ def _region(t: dict[str, torch.Tensor], width: int) -> torch.Tensor:
 
 
 def compare(model: str, cases: list[dict], device: str, dtype: str, batch_tokens: int = 32768,
-            attention: str = "sdpa") -> dict:
+            attention: str = "auto") -> dict:
     limits = Limits(allow_empty_text=True)
     ref = Engine(model, device=device, dtype="fp32", batch_tokens=batch_tokens, limits=limits)
     low = Engine(model, device=device, dtype=dtype, batch_tokens=batch_tokens, limits=limits, attention=attention)
@@ -103,7 +103,7 @@ def main() -> int:
     p.add_argument("--cases", required=True, help="JSON Lines with text and schema (e.g. golden/public.jsonl)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
-    p.add_argument("--attention", default="sdpa", help="reduced-precision engine's attention path")
+    p.add_argument("--attention", default="auto", help="reduced-precision engine attention path (auto: triton on CUDA)")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args()

@@ -92,7 +92,7 @@ def main() -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--batch-messages", type=int, default=2048)
     p.add_argument("--batch-tokens", type=int, default=65536)
-    p.add_argument("--attention", default="sdpa", help="engine attention path (sdpa, flex, triton)")
+    p.add_argument("--attention", default="auto", help="engine attention path (auto, sdpa, flex, triton)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     shared = Path(os.environ.get("REX_SHARED", "../shared"))
