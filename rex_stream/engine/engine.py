@@ -31,22 +31,6 @@ from .weights import load_model, resolve_model_dir
 _Item = tuple[int, int, Forward]
 
 
-class _Pool(list):
-    """Forwards waiting to be planned into batches, with their running token count."""
-
-    tokens = 0
-
-    def add(self, items: list[_Item]) -> None:
-        self.extend(items)
-        self.tokens += sum(len(f.ids) for _, _, f in items)
-
-    def take(self) -> list[_Item]:
-        items = self[:]
-        self.clear()
-        self.tokens = 0
-        return items
-
-
 _GC_THRESHOLDS = (50_000, 20, 10)
 
 
@@ -146,14 +130,14 @@ class Engine:
         solvers: dict[int, Solver] = {}
         links: dict[int, list[Links | None]] = {}  # per request: its current forwards' links so far
         missing: dict[int, int] = {}
-        pool = _Pool()
+        pool: list[_Item] = []
 
         def advance(i: int, got: list[Links] | None) -> None:
             forwards = self._step(i, solvers, outcomes, got)
             if forwards:
                 links[i] = [None] * len(forwards)
                 missing[i] = len(forwards)
-                pool.add([(i, k, f) for k, f in enumerate(forwards)])
+                pool.extend((i, k, f) for k, f in enumerate(forwards))
 
         def deliver(item: _Item, link: Links | BaseException) -> None:
             i, k, _ = item
@@ -200,23 +184,22 @@ class Engine:
         def deliver(item: _Item, link: Links | BaseException) -> None:
             results[item[1]] = link
 
-        pool = _Pool()
-        pool.add([(0, k, f) for k, f in enumerate(forwards)])
-        self._pipeline(pool, deliver)
+        self._pipeline([(0, k, f) for k, f in enumerate(forwards)], deliver)
         return results
 
     def plan(self, forwards: Sequence[Forward]) -> list[list[int]]:
         """Batches (indices into `forwards`): the token-budget policy of `batching.plan_batches`."""
         return plan_batches([len(f.ids) for f in forwards], self.batch_tokens, self.max_batch)
 
-    def _pipeline(self, pool: _Pool, deliver: Callable[[_Item, Links | BaseException], None]) -> None:
+    def _pipeline(self, pool: list[_Item], deliver: Callable[[_Item, Links | BaseException], None]) -> None:
         """Run every queued forward, including those `deliver` queues while decoding.
 
         Up to `pipeline_depth` - 1 batches are queued on the device behind the one the host is
         copying out and decoding (whose results may queue next-level forwards into `pool`), so the
-        device keeps computing while the host works. The pool is planned into batches once the planned
-        ones run out and either it holds a full batch's tokens or nothing is in flight (whose results
-        could still join it), so a level's forwards are batched together as in a wavefront. A batch
+        device keeps computing while the host works. The pool is planned into batches whenever the
+        planned ones run out, so a level's forwards are mostly batched together as in a wavefront
+        (waiting for the batches in flight to join them left the device idle: re -11 %, mix -9 % on an
+        H100, bench/results/run3). A batch
         that runs out of device memory is split in half and retried; a single forward that does not
         fit fails alone.
         """
@@ -224,9 +207,9 @@ class Engine:
         inflight: deque[tuple[list[_Item], Launched]] = deque()
         while True:
             while len(inflight) < self.pipeline_depth:
-                if not queue and pool and (not inflight or pool.tokens >= self.batch_tokens):
-                    items = pool.take()
-                    queue.extend([items[k] for k in batch] for batch in self.plan([f for _, _, f in items]))
+                if not queue and pool:
+                    queue.extend([pool[k] for k in batch] for batch in self.plan([f for _, _, f in pool]))
+                    pool.clear()
                 if not queue:
                     break
                 items = queue.popleft()
