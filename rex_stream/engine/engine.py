@@ -199,7 +199,7 @@ class Engine:
         device keeps computing while the host works. The pool is planned into batches whenever the
         planned ones run out, so a level's forwards are mostly batched together as in a wavefront
         (waiting for the batches in flight to join them left the device idle: re -11 %, mix -9 % on an
-        H100, bench/results/run3). A batch
+        H100, bench/results/run3b). A batch
         that runs out of device memory is split in half and retried; a single forward that does not
         fit fails alone.
         """
