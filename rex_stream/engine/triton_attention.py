@@ -94,6 +94,15 @@ if triton is not None:
     # multiple of 16 for every L (hidden sizes are multiples of 16), so they never change the key,
     # and their divisibility is what lets the compiler vectorise the q/k/v loads: also listing the
     # batch (and head) strides made the bf16 kernel 7-40% slower (B=64 L=128: 129 -> 168 us).
+    @triton.jit
+    def _token_attributes(POS, GROUP, SLOT, VALID, index, inside):
+        """Position id, group, slot and validity of the tokens at flat [B*L] `index` (masked: none)."""
+        pos = tl.load(POS + index, mask=inside, other=0).to(tl.int32)
+        group = tl.load(GROUP + index, mask=inside, other=-1)
+        slot = tl.load(SLOT + index, mask=inside, other=-1)
+        valid = tl.load(VALID + index, mask=inside, other=0) != 0
+        return pos, group, slot, valid
+
     @triton.jit(do_not_specialize=list(DO_NOT_SPECIALIZE))
     def _disentangled_fwd(
         Q, K, V, C2P, P2C, POS, GROUP, SLOT, VALID, LENGTHS, OUT,
@@ -120,11 +129,7 @@ if triton is not None:
         in_d = offs_d < HEAD_DIM
 
         # Per-query-token attributes (the [B, L] vectors are contiguous).
-        row = b * L + offs_m
-        pos_i = tl.load(POS + row, mask=in_m, other=0).to(tl.int32)
-        grp_i = tl.load(GROUP + row, mask=in_m, other=-1)
-        slt_i = tl.load(SLOT + row, mask=in_m, other=-1)
-        val_i = tl.load(VALID + row, mask=in_m, other=0) != 0
+        pos_i, grp_i, slt_i, val_i = _token_attributes(POS, GROUP, SLOT, VALID, b * L + offs_m, in_m)
 
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)
@@ -142,11 +147,7 @@ if triton is not None:
         for start_n in range(0, n_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             in_n = offs_n < length
-            col = b * L + offs_n
-            pos_j = tl.load(POS + col, mask=in_n, other=0).to(tl.int32)
-            grp_j = tl.load(GROUP + col, mask=in_n, other=-1)
-            slt_j = tl.load(SLOT + col, mask=in_n, other=-1)
-            val_j = tl.load(VALID + col, mask=in_n, other=0) != 0
+            pos_j, grp_j, slt_j, val_j = _token_attributes(POS, GROUP, SLOT, VALID, b * L + offs_n, in_n)
 
             kt_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
             kt = tl.load(kt_ptrs, mask=in_n[None, :] & in_d[:, None], other=0.0)
