@@ -2,8 +2,8 @@
 
 Requests advance level by level together (a wavefront): all level-0 forwards of all requests are
 packed into token-budget batches, then the level-1 forwards their decoding asks for, and so on.
-Batches run through a two-deep pipeline (`Engine._pipeline`): while the device computes one batch
-the host decodes the previous one and pads the next. A request's answer never depends on its
+Batches run through a pipeline (`Engine._pipeline`): while the device computes the next batches
+the host decodes an earlier one and pads the one after. A request's answer never depends on its
 batch mates (padding is isolated), and one failing request or forward never fails the others.
 """
 
@@ -177,16 +177,6 @@ class Engine:
         solvers.pop(i)
         return None
 
-    def run_forwards(self, forwards: Sequence[Forward]) -> list[Links | BaseException]:
-        """Every forward's links (no recursion); batches that run out of device memory are split."""
-        results: list[Links | BaseException] = [RuntimeError("not run")] * len(forwards)
-
-        def deliver(item: _Item, link: Links | BaseException) -> None:
-            results[item[1]] = link
-
-        self._pipeline([(0, k, f) for k, f in enumerate(forwards)], deliver)
-        return results
-
     def plan(self, forwards: Sequence[Forward]) -> list[list[int]]:
         """Batches (indices into `forwards`): the token-budget policy of `batching.plan_batches`."""
         return plan_batches([len(f.ids) for f in forwards], self.batch_tokens, self.max_batch)
@@ -199,9 +189,8 @@ class Engine:
         device keeps computing while the host works. The pool is planned into batches whenever the
         planned ones run out, so a level's forwards are mostly batched together as in a wavefront
         (waiting for the batches in flight to join them left the device idle: re -11 %, mix -9 % on an
-        H100, bench/results/run3b). A batch
-        that runs out of device memory is split in half and retried; a single forward that does not
-        fit fails alone.
+        H100, bench/results/run3b). A batch that runs out of device memory is split in half and
+        retried; a single forward that does not fit fails alone.
         """
         queue: deque[list[_Item]] = deque()
         inflight: deque[tuple[list[_Item], Launched]] = deque()
@@ -224,7 +213,7 @@ class Engine:
             items, launched = inflight.popleft()
             fetched = self._guard(items, queue, deliver, lambda x=launched: self.runner.fetch(x))
             if fetched is not None:
-                self._count(items)
+                self._count(launched.prepared.lengths)
                 for item, link in zip(items, self.runner.collect(fetched)):
                     deliver(item, link)
 
@@ -244,8 +233,7 @@ class Engine:
             queue.extendleft([items[half:], items[:half]])
             return None
 
-    def _count(self, items: list[_Item]) -> None:
-        lengths = [len(f.ids) for _, _, f in items]
+    def _count(self, lengths: list[int]) -> None:
         self.stats.batches += 1
         self.stats.forwards += len(lengths)
         self.stats.real_tokens += sum(lengths)

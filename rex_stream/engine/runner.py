@@ -47,7 +47,7 @@ class Prepared:
     tensors: dict[str, torch.Tensor]
     nh: np.ndarray  # hint lengths, on the host
     lengths: list[int]
-    want_cls: list[bool]
+    cls: list[int]  # rows whose forward wants its classification row/column
     started: float  # perf_counter() when preparation began (batch latency is measured from here)
 
 
@@ -153,7 +153,8 @@ class ForwardRunner:
         tensors = dict(zip(_ARRAYS, device.unbind(0)))
         tensors["valid"] = tensors["valid"].bool()
         tensors["nh"] = torch.from_numpy(nh).to(self.device, non_blocking=True)
-        return Prepared(tensors, nh, [len(f.ids) for f in forwards], [f.want_cls_probs for f in forwards], started)
+        return Prepared(tensors, nh, [len(f.ids) for f in forwards],
+                        [b for b, f in enumerate(forwards) if f.want_cls_probs], started)
 
     def tensors(self, forwards: Sequence[Forward]) -> dict[str, torch.Tensor]:
         """The device tensors of one padded batch (ids, pos, group, slot, valid, nh)."""
@@ -213,9 +214,8 @@ class ForwardRunner:
             counts = torch.bincount(where[:, 0], minlength=logits.shape[0])
             scores = self.score(logits[where[:, 0], where[:, 2], where[:, 1]])
             rows = cols = None
-            cls = [b for b, want in enumerate(prepared.want_cls) if want]
-            if cls:
-                b = torch.tensor(cls, device=logits.device)
+            if prepared.cls:
+                b = torch.tensor(prepared.cls, device=logits.device)
                 h = prepared.tensors["nh"][b]
                 rows, cols = self._to_host(self.score(logits[b, h, :])), self._to_host(self.score(logits[b, :, h]))
             return Fetched(prepared, self._to_host(counts), self._to_host(where[:, 1:].to(torch.int32)),
@@ -229,9 +229,8 @@ class ForwardRunner:
         cls_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if fetched.cls_rows is not None and fetched.cls_cols is not None:
             nh = fetched.prepared.nh
-            cls = [b for b, want in enumerate(fetched.prepared.want_cls) if want]
             rows, cols = fetched.cls_rows.numpy(), fetched.cls_cols.numpy()
-            cls_rows = {b: (rows[k, : nh[b] + 1], cols[k, : nh[b] + 1]) for k, b in enumerate(cls)}
+            cls_rows = {b: (rows[k, : nh[b] + 1], cols[k, : nh[b] + 1]) for k, b in enumerate(fetched.prepared.cls)}
         out = []
         start = 0
         for b, count in enumerate(fetched.counts.tolist()):
@@ -239,7 +238,3 @@ class ForwardRunner:
             out.append(Links(pairs[start : start + count], scores[start : start + count], row, col))
             start += count
         return out
-
-    def run(self, forwards: Sequence[Forward]) -> list[Links]:
-        """All four stages of one batch, back to back (no overlap)."""
-        return self.collect(self.fetch(self.launch(self.prepare(forwards))))
