@@ -215,10 +215,9 @@ class TimedRunner:
     from CUDA events around each batch. Anything else is delegated to the wrapped runner.
     """
 
-    def __init__(self, inner: ForwardRunner, device: torch.device, flops: Callable[[int], int]) -> None:
+    def __init__(self, inner: ForwardRunner, flops: Callable[[int], int]) -> None:
         self.inner = inner
         inner.timing = True
-        self.device = device
         self._flops = flops
         self.records: list[BatchRecord] = []
 
@@ -379,7 +378,7 @@ def competent_user(engine: Engine, items: Sequence[Item], batch: int = 32, keep:
     dtype = dtype or competent_user_dtype(engine.device)
     inner = ForwardRunner(engine.runner.model, engine.tokenizer.special, engine.device, dtype)
     inner.score = engine.runner.score
-    runner = TimedRunner(inner, engine.device, _flops_fn(engine))
+    runner = TimedRunner(inner, _flops_fn(engine))
     view = _engine_view(engine, FixedBatchEngine, runner=runner, fixed_batch=batch, pipeline_depth=1)
     return _timed_infer("competent_user", view, runner, items, keep, {"dtype": dtype, "batch": batch})
 
@@ -389,7 +388,7 @@ def competent_user(engine: Engine, items: Sequence[Item], batch: int = 32, keep:
 
 def engine_path(engine: Engine, items: Sequence[Item], budget: int, keep: int = 500) -> PathRun:
     """The engine (`Engine.infer`, token-budget batching) at `budget` padded tokens per batch."""
-    runner = TimedRunner(engine.runner, engine.device, _flops_fn(engine))
+    runner = TimedRunner(engine.runner, _flops_fn(engine))
     view = _engine_view(engine, runner=runner, batch_tokens=budget)
     return _timed_infer("engine", view, runner, items, keep,
                         {"dtype": engine.dtype, "budget": budget, "max_batch": engine.max_batch})
