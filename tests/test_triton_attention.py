@@ -64,7 +64,7 @@ def _case_inputs(length: int, dim: int, dtype: torch.dtype, device: str = "cpu")
 
 # The kernel's runtime ints that change with the batch shape: specialising on them (value 1, a
 # multiple of 16) would compile a new kernel for many batches. The strides stay specialised.
-SHAPE_INTS = {"B", "H", "L", "R", "offset"}
+SHAPE_INTS = {"B", "H", "L", "R", "RS", "offset"}
 
 
 def _unspecialised(kernel: Any) -> set[str] | None:
@@ -97,11 +97,40 @@ def _kernel_checks() -> list[dict[str, Any]]:
                 "rel_err": float((got.float() - ref).abs().max() / ref.abs().max()),
                 "finite": bool(torch.isfinite(got).all()), "dead_rows_zero": bool((dead == 0).all()),
             })
+    out.extend(_norm_checks())
     # The cases above ran the interpreted kernel for several L (1, 7, 37, 70); the interpreter never
     # compiles, so what can be checked here is that the decorator's list reached the kernel object.
     names = _unspecialised(triton_attention._disentangled_fwd)
     out.append({"case": "do_not_specialize", "names": None if names is None else sorted(names),
                 "lengths": sorted({length for length, _, _ in KERNEL_CASES})})
+    return out
+
+
+NORM_CASES = [(1, 64, "bfloat16"), (7, 768, "bfloat16"), (13, 100, "float16")]  # 100: a masked row tail
+
+
+def _norm_checks() -> list[dict[str, Any]]:
+    """The fused residual-add + LayerNorm kernel against torch's LayerNorm of the fp32 sum."""
+    from rex_stream.engine import triton_norm
+
+    out = []
+    for rows, width, dtype_name in NORM_CASES:
+        gen = torch.Generator().manual_seed(rows * width)
+        norm = torch.nn.LayerNorm(width, eps=1e-7)
+        with torch.no_grad():
+            norm.weight.copy_(1 + 0.1 * torch.randn(width, generator=gen))
+            norm.bias.copy_(0.1 * torch.randn(width, generator=gen))
+        low = getattr(torch, dtype_name)
+        y, residual = torch.randn(2, rows, width, generator=gen).to(low), torch.randn(2, rows, width, generator=gen)
+        with torch.no_grad():
+            got, got_low = triton_norm.add_layer_norm(y, residual, norm, low)
+            ref = norm(y.float() + residual)
+        out.append({
+            "case": f"norm-{rows}x{width}-{dtype_name}", "dtypes": [str(got.dtype), str(got_low.dtype)],
+            "max_err": float((got - ref).abs().max()),
+            # the reduced copy is the fp32 result rounded: at most one unit in the last place off
+            "low_max_ulps": float(((got_low.float() - ref.to(low).float()).abs() / ref.to(low).float().abs().clamp_min(1e-3)).max()),
+        })
     return out
 
 
@@ -191,6 +220,14 @@ def test_kernel_matches_reference(kernel_results, length: int, dim: int, dtype: 
     assert row["shape"] == [3, length, 2 * dim] and row["out_dtype"] == dtype
     assert row["finite"] and row["dead_rows_zero"], row
     assert row["rel_err"] <= (KERNEL_TOL if dtype == "float32" else LOW_PRECISION_TOL), row
+
+
+@pytest.mark.parametrize(("rows", "width", "dtype"), NORM_CASES, ids=lambda x: str(x))
+def test_fused_add_layer_norm_matches_torch(kernel_results, rows: int, width: int, dtype: str) -> None:
+    row = kernel_results[f"norm-{rows}x{width}-{dtype}"]
+    assert row["dtypes"] == ["torch.float32", f"torch.{dtype}"], row
+    assert row["max_err"] <= 1e-5, row  # fp32 maths, only the reduction order differs (~5e-7 measured)
+    assert row["low_max_ulps"] <= (2 ** -7 if dtype == "bfloat16" else 2 ** -10), row
 
 
 def test_interpreted_kernel_does_not_specialise_on_shapes(kernel_results) -> None:

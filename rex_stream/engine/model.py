@@ -13,7 +13,8 @@ Deviations from the reference that do not change single-request results:
 
 Optional fast paths, off by default (the default is the exact SDPA path the golden tests pin):
 ``set_attention("flex")`` (FlexAttention, see ``fast_attention``), ``set_attention("triton")`` (a
-fused Triton kernel, see ``triton_attention``) and ``compile_encoder()`` (``torch.compile``). Each
+fused Triton kernel, see ``triton_attention``; in bf16/fp16 it also fuses each block's residual add,
+LayerNorm and cast, see ``triton_norm``) and ``compile_encoder()`` (``torch.compile``). Each
 is self-checked against the SDPA path on its first batch per (device type, dtype) and falls back to
 it, with one logged warning, on any error or mismatch; ``fast_path_status()`` reports what ran.
 The span head and rotary angles always run in fp32.
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rex_stream.engine import fast_attention, triton_attention
+from rex_stream.engine import fast_attention, triton_attention, triton_norm
 
 if TYPE_CHECKING:
     from rex_stream.engine.weights import ModelConfig
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 ATTENTION_MODES = ("sdpa", "flex", "triton")
 FUSED_MODES = ("flex", "triton")  # the optional attention paths, self-checked against "sdpa"
+_LOW_DTYPES = (torch.bfloat16, torch.float16)
 
 # Self-check: max |fast - sdpa| over valid tokens' hidden states, relative to max |sdpa|. Measured on
 # CPU: fp32 ~5e-7, bf16 ~5e-3 (two kernels' rounding); a wrong bias index or a missing bias gives ~0.3.
@@ -73,8 +75,12 @@ class _DenseLayerNorm(nn.Module):
         self.dense = nn.Linear(n_in, n_out)
         self.LayerNorm = nn.LayerNorm(n_out, eps=eps)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor,
+                low: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The block's output, and with ``low`` also its copy in that dtype (one fused Triton kernel)."""
+        if low is None:
+            return self.LayerNorm(self.dense(x) + residual), None
+        return triton_norm.add_layer_norm(self.dense(x), residual, self.LayerNorm, low)
 
 
 class _Layer(nn.Module):
@@ -125,20 +131,28 @@ class _Layer(nn.Module):
         pos_q: torch.Tensor,
         pos_k: torch.Tensor,
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    ) -> torch.Tensor:
-        """``attend(q, k, v, pos_q, pos_k)`` returns the [B, L, H*D] context, dead rows already zero."""
+        x_low: torch.Tensor | None = None,
+        low: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The layer's output and, with ``low`` (fused norms), its copy in that dtype.
+
+        ``attend(q, k, v, pos_q, pos_k)`` returns the [B, L, H*D] context, dead rows already zero;
+        ``x_low``, if given, is ``x`` already in the matmul dtype (saves autocast's cast).
+        """
+        inp = x if x_low is None else x_low
         if self.qkv is not None:
             # One GEMM (and, under autocast, one cast of x) instead of three; q, k, v are strided views
             # of its [B, L, 3h] output, the same row-wise products as the three projections.
-            q, k, v = (self._split(t) for t in F.linear(x, *self.qkv).chunk(3, dim=-1))
+            q, k, v = (self._split(t) for t in F.linear(inp, *self.qkv).chunk(3, dim=-1))
         else:
             proj = self.attention["self"]
-            q = self._split(proj["query_proj"](x))
-            k = self._split(proj["key_proj"](x))
-            v = self._split(proj["value_proj"](x))
+            q = self._split(proj["query_proj"](inp))
+            k = self._split(proj["key_proj"](inp))
+            v = self._split(proj["value_proj"](inp))
         ctx = attend(q, k, v, pos_q, pos_k)
-        attn = self.attention["output"](ctx, x)
-        return self.output(F.gelu(self.intermediate["dense"](attn)), attn)
+        attn, attn_low = self.attention["output"](ctx, x, low)
+        inter = F.gelu(self.intermediate["dense"](attn if attn_low is None else attn_low))
+        return self.output(inter, attn, low)
 
 
 def _sdpa_attend(
@@ -558,11 +572,14 @@ class RexModel(nn.Module):
         emb = self.plm.embeddings
         x = emb["LayerNorm"](emb["word_embeddings"](input_ids)) * token_mask.unsqueeze(-1)
         embedded = x
+        # The triton path in 16-bit also fuses each block's residual add, LayerNorm and cast (triton_norm).
+        low = tables[0][0].dtype if attention == "triton" and tables[0][0].dtype in _LOW_DTYPES else None
+        x_low = None
         for i, layer in enumerate(self.plm.encoder.layer):
             pos_q, pos_k = tables[i]
-            x = layer(x, pos_q[:, lo:hi], pos_k[:, lo:hi], attend)
+            x, x_low = layer(x, pos_q[:, lo:hi], pos_k[:, lo:hi], attend, x_low, low)
             if i == 0:
-                x = self._conv(embedded, x, col_alive)
+                x, x_low = self._conv(embedded, x, col_alive), None
         return x
 
     def link_logits(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:

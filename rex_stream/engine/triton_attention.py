@@ -7,7 +7,8 @@ that exists: the two [H, B, L, R] position tables
 * ``C2P = q @ pos_k^T`` (content-to-position) and ``P2C = k @ pos_q^T`` (position-to-content),
 
 are computed with one batched matmul per table, head-major so each head is a single tall GEMM
-([B*L, D] x [D, R], reading q/k in place; R <= 2L-1 reachable relative distances, tables pre-scaled),
+([B*L, D] x [D, R], reading q/k in place; R <= 2L-1 reachable relative distances, tables pre-scaled;
+the table rows are padded to a multiple of 8 entries so the GEMM writes aligned rows),
 and one flash-attention style kernel computes, per (batch b, head h) and query tile,
 
     score_ij = scale * q_i.k_j + C2P[i, d_ij] + P2C[j, d_ij],
@@ -58,7 +59,12 @@ KERNEL_CONFIGS: dict[str, dict[str, int]] = {
 
 
 # Runtime integers of ``_disentangled_fwd`` that triton must not specialise on (see there).
-DO_NOT_SPECIALIZE = ("B", "H", "L", "R", "offset")
+DO_NOT_SPECIALIZE = ("B", "H", "L", "R", "RS", "offset")
+
+# Row width of the position tables is padded to a multiple of this: the table GEMM's output rows
+# (R = 2L-1 values, odd) would otherwise be misaligned, and cuBLAS then falls back to an old sm75
+# kernel (~11% of the engine's GPU time on ner, H100 profile of run 3b).
+_TABLE_ALIGN = 8
 
 
 def triton_unavailable_reason(device: torch.device | str) -> str | None:
@@ -109,7 +115,7 @@ if triton is not None:
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
-        B, H, L, R, offset, qk_scale,
+        B, H, L, R, RS, offset, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
@@ -134,9 +140,9 @@ if triton is not None:
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)
 
-        # The [H, B, L, R] tables are contiguous; row i of (b, h) starts at ((h*B + b)*L + i)*R.
-        table = (h * B + b) * L * R
-        c2p_rows = C2P + table + offs_m.to(tl.int64)[:, None] * R
+        # The [H, B, L, RS] tables are contiguous (R used columns); row i of (b, h) starts at ((h*B + b)*L + i)*RS.
+        table = (h * B + b) * L * RS
+        c2p_rows = C2P + table + offs_m.to(tl.int64)[:, None] * RS
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -158,7 +164,7 @@ if triton is not None:
             d = tl.minimum(tl.maximum(d, 0), R - 1)
             inside = in_m[:, None] & in_n[None, :]
             c2p = tl.load(c2p_rows + d, mask=inside, other=0.0).to(tl.float32)
-            p2c_ptrs = P2C + table + offs_n.to(tl.int64)[None, :] * R + d
+            p2c_ptrs = P2C + table + offs_n.to(tl.int64)[None, :] * RS + d
             p2c = tl.load(p2c_ptrs, mask=inside, other=0.0).to(tl.float32)
 
             other_group = (grp_i[:, None] >= 0) & (grp_j[None, :] >= 0) & (grp_i[:, None] != grp_j[None, :])
@@ -193,8 +199,8 @@ def _config(device: torch.device, config: dict[str, int] | None) -> dict[str, in
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
             position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
-            lengths: torch.Tensor, offset: int, scale: float, config: dict[str, int]) -> torch.Tensor:
-    """Run the kernel; returns a new [B, L, H, D] tensor."""
+            lengths: torch.Tensor, offset: int, scale: float, config: dict[str, int], reach: int) -> torch.Tensor:
+    """Run the kernel (tables [H, B, L, RS], the first ``reach`` columns used); returns a new [B, L, H, D] tensor."""
     batch, heads, length, dim = q.shape
     out = torch.empty(batch, length, heads, dim, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -210,7 +216,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor
         q, k, v, c2p, p2c, position_ids.contiguous(), group.contiguous(), slot.contiguous(), valid,
         lengths.to(torch.int32).contiguous(), out,
         *q.stride(), *k.stride(), *v.stride(),
-        batch, heads, length, c2p.shape[-1], int(offset), float(scale) * 1.4426950408889634,
+        batch, heads, length, int(reach), c2p.shape[-1], int(offset), float(scale) * 1.4426950408889634,
         HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if ieee else "tf32",
         # The interpreter's tl.dot is wrong on bf16 operands (triton 3.9: garbage even for one 16x16
@@ -227,14 +233,20 @@ if triton is not None:
     @torch.library.custom_op("rex_stream::disentangled_attention", mutates_args=())
     def _launch_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
                    position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
-                   lengths: torch.Tensor, offset: int, scale: float) -> torch.Tensor:
+                   lengths: torch.Tensor, offset: int, scale: float, reach: int) -> torch.Tensor:
         return _launch(q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths, offset, scale,
-                       _config(q.device, None))
+                       _config(q.device, None), reach)
 
     @_launch_op.register_fake
     def _(q: torch.Tensor, *args: Any) -> torch.Tensor:
         batch, heads, length, dim = q.shape
         return q.new_empty(batch, length, heads, dim)
+
+
+def _aligned(pos: torch.Tensor) -> torch.Tensor:
+    """``pos`` [H, R, D] with zero rows appended up to a multiple of ``_TABLE_ALIGN`` (a tiny copy)."""
+    extra = -pos.shape[-2] % _TABLE_ALIGN
+    return torch.nn.functional.pad(pos, (0, 0, 0, extra)) if extra else pos
 
 
 def _table(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
@@ -265,12 +277,13 @@ def disentangled_attention(
     if reason is not None:
         raise RuntimeError(reason)
     batch, heads, length, dim = q.shape
-    c2p, p2c = _table(q, pos_k), _table(k, pos_q)
+    reach = pos_k.shape[-2]
+    c2p, p2c = _table(q, _aligned(pos_k)), _table(k, _aligned(pos_q))
     tensors = (q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths)
     if torch.compiler.is_compiling():
-        out = _launch_op(*tensors, int(offset), float(scale))
+        out = _launch_op(*tensors, int(offset), float(scale), reach)
     else:
-        out = _launch(*tensors, offset, scale, _config(q.device, config))
+        out = _launch(*tensors, offset, scale, _config(q.device, config), reach)
     return out.view(batch, length, heads * dim)
 
 
