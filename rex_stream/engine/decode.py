@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -48,8 +48,9 @@ class DecodeInput:
     text: str
 
 
-@dataclass(frozen=True)
-class Hit:
+class Hit(NamedTuple):
+    """One extracted span for one slot (a named tuple: decoding makes many of these)."""
+
     slot: Slot
     span: str
     start: int
@@ -77,42 +78,47 @@ def _span_text(text: str, start: int, end: int) -> tuple[str, int] | None:
 
 
 def decode_links(inp: DecodeInput, links: Links, with_confidence: bool) -> list[Hit]:
-    """All slot hits of one forward in the reference's order."""
+    """All slot hits of one forward in the reference's order.
+
+    Slots are handled by rank (their order in the hint), so the matched slots of a span sort as
+    plain ints; the links are split into span/head/tail kinds with one vectorised pass.
+    """
     nh = inp.num_hint_tokens
-    slot_of_token = {inp.hint_offsets[char]: slot for slot, char in inp.slots.items()}
-    slot_rank = {slot: rank for rank, slot in enumerate(inp.slots)}
-    heads: dict[int, dict[Slot, float]] = {}
-    tails: dict[int, dict[Slot, float]] = {}
-    spans: list[tuple[int, int, float]] = []
-    for (row, col), p in zip(links.pairs.tolist(), links.score_t.tolist()):
-        if row >= nh and col >= nh:
-            if row <= col:
-                spans.append((row, col, p))
-        elif row >= nh:
-            slot = slot_of_token.get(col)
-            if slot is not None:
-                heads.setdefault(row, {})[slot] = p
-        elif col >= nh:
-            slot = slot_of_token.get(row)
-            if slot is not None:
-                tails.setdefault(col, {})[slot] = p
+    slots = list(inp.slots)
+    rank_of_token = {inp.hint_offsets[char]: rank for rank, char in enumerate(inp.slots.values())}
+    rows, cols = links.pairs[:, 0], links.pairs[:, 1]
+    text_row, text_col = rows >= nh, cols >= nh
+    heads: dict[int, dict[int, float]] = {}
+    tails: dict[int, dict[int, float]] = {}
+    head = text_row & ~text_col
+    for row, col, p in zip(rows[head].tolist(), cols[head].tolist(), links.score_t[head].tolist()):
+        rank = rank_of_token.get(col)
+        if rank is not None:
+            heads.setdefault(row, {})[rank] = p
+    tail = text_col & ~text_row
+    for row, col, p in zip(rows[tail].tolist(), cols[tail].tolist(), links.score_t[tail].tolist()):
+        rank = rank_of_token.get(row)
+        if rank is not None:
+            tails.setdefault(col, {})[rank] = p
+    span = text_row & text_col & (rows <= cols)
     hits: list[Hit] = []
-    for head, tail, span_p in spans:
-        head_slots = heads.get(head)
-        tail_slots = tails.get(tail)
-        if not head_slots or not tail_slots:
+    text, offsets = inp.text, inp.offsets
+    for first, last, span_p in zip(rows[span].tolist(), cols[span].tolist(), links.score_t[span].tolist()):
+        head_ranks = heads.get(first)
+        tail_ranks = tails.get(last)
+        if not head_ranks or not tail_ranks:
             continue
-        matched = sorted((s for s in head_slots if s in tail_slots), key=slot_rank.__getitem__)
+        matched = head_ranks.keys() & tail_ranks.keys()
         if not matched:
             continue
-        located = _span_text(inp.text, inp.offsets[head][0], inp.offsets[tail][1])
+        located = _span_text(text, offsets[first][0], offsets[last][1])
         if located is None:
             continue
-        span, start = located
-        end = inp.offsets[tail][1]
-        for slot in matched:
-            conf = _confidence(span_p, head_slots[slot], tail_slots[slot]) if with_confidence else None
-            hits.append(Hit(slot, span, start, end, conf))
+        span_text, start = located
+        end = offsets[last][1]
+        for rank in sorted(matched):
+            conf = _confidence(span_p, head_ranks[rank], tail_ranks[rank]) if with_confidence else None
+            hits.append(Hit(slots[rank], span_text, start, end, conf))
     return hits
 
 
