@@ -116,3 +116,38 @@ def test_auto_attention_is_triton_only_for_reduced_precision_on_cuda():
     assert resolve_attention("auto", cuda, "fp32") == "sdpa"  # the exact path the golden tests pin
     assert resolve_attention("auto", cpu, "bf16") == "sdpa"
     assert resolve_attention("flex", cpu, "fp32") == "flex"  # an explicit choice is kept
+
+
+def test_device_join_equals_the_host_join(tiny_model, golden_cases, tmp_path):
+    """The runner's on-device three-link join gives exactly `decode.join_links` of the same logits."""
+    import torch
+
+    from rex_stream.engine.decode import join_links, type_positions
+    from rex_stream.engine.random_model import write_random_model
+    from rex_stream.engine.recursion import solve
+    from rex_stream.engine.runner import ForwardRunner
+    from rex_stream.engine.weights import load_model
+
+    # A random model whose links are dense enough that many spans match several slots.
+    model_dir = tmp_path / "dense-links"
+    write_random_model(model_dir, size="tiny", seed=3, link_bias=5.0, vocab_path=tiny_model / "vocab.txt")
+    tok = RexTokenizer(model_dir)
+    forwards = [f for case in golden_cases[::4] for f in next(solve(tok, case["text"], case["schema"]))]
+    assert any(f.want_cls_probs for f in forwards) and any(not f.want_cls_probs for f in forwards)
+    runner = ForwardRunner(load_model(model_dir)[0], tok.special, torch.device("cpu"), "fp32")
+    launched = runner.launch(runner.prepare(forwards))
+    got = runner.collect(runner.fetch(launched))
+    scores = launched.logits.numpy()
+    matches = 0
+    for b, (f, links) in enumerate(zip(forwards, got)):
+        n, nh = len(f.ids), f.num_hint_tokens
+        positive = np.argwhere(scores[b, :n, :n] > 0)
+        want = join_links(positive, scores[b, :n, :n], nh, type_positions(f.ids[:nh], tok.special.type))
+        assert np.array_equal(links.spans, want.spans) and np.array_equal(links.span_scores, want.span_scores)
+        width = want.matched.shape[1]  # this forward's slots; the batch's matrix is as wide as its widest
+        assert np.array_equal(links.matched[:, :width], want.matched) and not links.matched[:, width:].any()
+        if f.want_cls_probs:
+            assert np.array_equal(links.head_scores[:, :width], want.head_scores)
+            assert np.array_equal(links.tail_scores[:, :width], want.tail_scores)
+        matches += int(want.matched.sum())
+    assert matches > 100  # the join was exercised, not vacuous

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from rex_stream.engine.decode import Links
+from rex_stream.engine.decode import Links, join_links, type_positions
 from rex_stream.engine.engine import Engine, EngineStats, Outcome
 from rex_stream.engine.layout import attention_allowed, build_layout
 from rex_stream.engine.recursion import Forward, Solver, solve
@@ -293,15 +293,13 @@ def _reference_forward(engine: Engine, forward: Forward) -> Links:
         host = logits[0].cpu().numpy()  # the score matrix, read per link on the host
         del probs
     nh = forward.num_hint_tokens
-    keep = [(i, j) for i, j in zip(rows, cols) if (i >= nh and j >= nh and i <= j) or ((i >= nh) != (j >= nh))]
-    pairs = np.array(keep, dtype=np.int32).reshape(-1, 2)
     score = runner.score
-    scores = score(torch.from_numpy(host[pairs[:, 1], pairs[:, 0]].copy())).numpy()
-    cls_row = cls_col = None
+    scores = score(torch.from_numpy(host)).numpy()
+    positive = np.array(list(zip(rows, cols)), dtype=np.int64).reshape(-1, 2)
+    links = join_links(positive, scores, nh, type_positions(ids[:nh], special.type))
     if forward.want_cls_probs:
-        cls_row = score(torch.from_numpy(host[nh, : nh + 1].copy())).numpy()
-        cls_col = score(torch.from_numpy(host[: nh + 1, nh].copy())).numpy()
-    return Links(pairs, scores, cls_row, cls_col)
+        links.cls_row, links.cls_col = scores[nh, : nh + 1].copy(), scores[: nh + 1, nh].copy()
+    return links
 
 
 def reference_style(engine: Engine, items: Sequence[Item], keep: int = 500) -> PathRun:

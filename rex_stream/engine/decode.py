@@ -5,11 +5,15 @@ links fire: span h→t (h ≤ t), head h→T and tail T→t. Hits are ordered by
 the positive links), then by the slot's position in the hint. Offsets are character offsets into
 the text as it stood when this forward was built. Any lookup the reference would fail on (an
 empty text, a span running past the end) drops that hit, as the reference's `try` does.
+
+The engine joins the three links on the device (`runner.ForwardRunner.launch`/`fetch`); `join_links`
+does the same join on the host from a list of positive links, as the reference does (the
+reference-style baseline, and tests that pin the device join to it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -22,17 +26,24 @@ Result = list[dict[str, Any]]
 
 @dataclass
 class Links:
-    """What the device sends back for one forward.
+    """What the device sends back for one forward: the three-link rule, joined.
 
-    `pairs` are the (row, col) links with logit > 0 in the decodable region, row-major;
-    `score_t[k]` is the label score at the transposed position (col, row) — the reference reads
-    its confidences there. For classification, `cls_row`/`cls_col` hold the scores of row and
-    column `num_hint_tokens` up to that index (the "blank" pass scores every label from them).
-    What a score is (raw logit or sigmoid) is the runner's `cls_score` setting.
+    `spans` [S, 2] are the text span links (h, t), h <= t, row-major, whose head row has some head
+    link and whose tail column has some tail link; `matched` [S, R] says for which slot ranks r (the
+    r-th [TYPE] of the hint, i.e. the r-th slot) both the head link h → [TYPE] and the tail link
+    [TYPE] → t fire too. Scores are read at the transposed positions, as the reference reads its
+    confidences: `span_scores[s]` at (t, h), `head_scores[s, r]` at ([TYPE], h), `tail_scores[s, r]`
+    at (t, [TYPE]) (these two only where a classification needs confidences). For classification,
+    `cls_row`/`cls_col` hold the scores of row and column `num_hint_tokens` up to that index (the
+    "blank" pass scores every label from them). What a score is (raw logit or sigmoid) is the
+    runner's `cls_score` setting.
     """
 
-    pairs: np.ndarray
-    score_t: np.ndarray
+    spans: np.ndarray
+    span_scores: np.ndarray
+    matched: np.ndarray
+    head_scores: np.ndarray | None = None
+    tail_scores: np.ndarray | None = None
     cls_row: np.ndarray | None = None
     cls_col: np.ndarray | None = None
 
@@ -77,48 +88,56 @@ def _span_text(text: str, start: int, end: int) -> tuple[str, int] | None:
     return text[start:end], start
 
 
-def decode_links(inp: DecodeInput, links: Links, with_confidence: bool) -> list[Hit]:
-    """All slot hits of one forward in the reference's order.
+def type_positions(ids: Sequence[int], type_id: int) -> np.ndarray:
+    """Token positions of the [TYPE] tokens of a hint: the r-th is the hint's r-th slot."""
+    return np.flatnonzero(np.asarray(ids) == type_id)
 
-    Slots are handled by rank (their order in the hint), so the matched slots of a span sort as
-    plain ints; the links are split into span/head/tail kinds with one vectorised pass.
-    """
-    nh = inp.num_hint_tokens
-    slots = list(inp.slots)
-    rank_of_token = {inp.hint_offsets[char]: rank for rank, char in enumerate(inp.slots.values())}
-    rows, cols = links.pairs[:, 0], links.pairs[:, 1]
-    text_row, text_col = rows >= nh, cols >= nh
-    heads: dict[int, dict[int, float]] = {}
-    tails: dict[int, dict[int, float]] = {}
-    head = text_row & ~text_col
-    for row, col, p in zip(rows[head].tolist(), cols[head].tolist(), links.score_t[head].tolist()):
-        rank = rank_of_token.get(col)
-        if rank is not None:
-            heads.setdefault(row, {})[rank] = p
-    tail = text_col & ~text_row
-    for row, col, p in zip(rows[tail].tolist(), cols[tail].tolist(), links.score_t[tail].tolist()):
-        rank = rank_of_token.get(row)
-        if rank is not None:
-            tails.setdefault(col, {})[rank] = p
-    span = text_row & text_col & (rows <= cols)
+
+def join_links(positive: np.ndarray, score: np.ndarray, nh: int, types: np.ndarray) -> Links:
+    """The three-link join of one forward on the host: `positive` [N, 2] are its (row, col) links with
+    logit > 0 in row-major order, `score` its [L, L] score matrix, `types` its [TYPE] positions."""
+    rank = {int(t): r for r, t in enumerate(types.tolist())}
+    heads: dict[int, set[int]] = {}
+    tails: dict[int, set[int]] = {}
+    pairs = positive.tolist()
+    for row, col in pairs:
+        if row >= nh > col and col in rank:
+            heads.setdefault(row, set()).add(rank[col])
+        elif col >= nh > row and row in rank:
+            tails.setdefault(col, set()).add(rank[row])
+    spans = [(row, col) for row, col in pairs if nh <= row <= col and row in heads and col in tails]
+    matched = np.zeros((len(spans), len(rank)), dtype=bool)
+    for s, (row, col) in enumerate(spans):
+        matched[s, sorted(heads[row] & tails[col])] = True
+    found = np.array(spans, dtype=np.int64).reshape(-1, 2)
+    first, last = found[:, :1], found[:, 1:]
+    return Links(found.astype(np.int32), score[last[:, 0], first[:, 0]], matched,
+                 score[types[None, :], first], score[last, types[None, :]])
+
+
+def decode_links(inp: DecodeInput, links: Links, with_confidence: bool) -> list[Hit]:
+    """All slot hits of one forward in the reference's order: by span, then by the slot's rank."""
+    slots = list(inp.slots)  # in hint order: rank r is the r-th [TYPE]
     hits: list[Hit] = []
+    span_index, ranks = np.nonzero(links.matched)
+    if not len(span_index):
+        return hits
     text, offsets = inp.text, inp.offsets
-    for first, last, span_p in zip(rows[span].tolist(), cols[span].tolist(), links.score_t[span].tolist()):
-        head_ranks = heads.get(first)
-        tail_ranks = tails.get(last)
-        if not head_ranks or not tail_ranks:
-            continue
-        matched = head_ranks.keys() & tail_ranks.keys()
-        if not matched:
-            continue
-        located = _span_text(text, offsets[first][0], offsets[last][1])
+    spans = links.spans.tolist()
+    current, located = -1, None
+    for s, rank in zip(span_index.tolist(), ranks.tolist()):
+        if s != current:
+            current = s
+            first, last = spans[s]
+            located = _span_text(text, offsets[first][0], offsets[last][1])
+            end = offsets[last][1]
         if located is None:
             continue
-        span_text, start = located
-        end = offsets[last][1]
-        for rank in sorted(matched):
-            conf = _confidence(span_p, head_ranks[rank], tail_ranks[rank]) if with_confidence else None
-            hits.append(Hit(slots[rank], span_text, start, end, conf))
+        conf = None
+        if with_confidence:
+            assert links.head_scores is not None and links.tail_scores is not None
+            conf = _confidence(links.span_scores[s], links.head_scores[s, rank], links.tail_scores[s, rank])
+        hits.append(Hit(slots[rank], located[0], located[1], end, conf))
     return hits
 
 

@@ -1,12 +1,14 @@
-"""Device side of the engine: pad a batch of forwards, run the model, bring back positive links.
+"""Device side of the engine: pad a batch of forwards, run the model, bring back joined links.
 
-Only compact data crosses the host/device boundary: [B, L] token ids, position ids and the two
-prompt-isolation vectors go in (the L×L mask is expanded on the device), and only the positive
-links of the decodable region (plus one row/column for classification) come back.
+Only compact data crosses the host/device boundary: [B, L] token ids, position ids, the two
+prompt-isolation vectors and the [TYPE] positions go in (the L×L mask is expanded on the device),
+and the three-link rule of `decode` is joined on the device: what comes back is, per forward, the
+candidate spans with a [spans, slots] matrix of which slots they match (plus scores where a
+classification needs them, and one row/column for the handshake pass).
 
 A batch goes through four stages so the engine can overlap them across batches (see
 `Engine._pipeline`): `prepare` (host arrays, async copy in), `launch` (the model and the link
-masks, queued on the device without waiting), `fetch` (link extraction and the copies out, on a
+join, queued on the device without waiting), `fetch` (span extraction and the copies out, on a
 side stream that waits for this batch only) and `collect` (waits for those copies, builds
 `Links`). Because extraction runs on its own stream, later batches can already be queued on the
 main stream while the host waits for, copies out and decodes an earlier one.
@@ -23,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .decode import Links
+from .decode import Links, type_positions
 from .layout import build_layout
 from .model import RexModel
 from .recursion import Forward
@@ -39,6 +41,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CLS_SCORES = ("logit", "sigmoid")
 
 _ARRAYS = ("ids", "pos", "group", "slot", "valid")
+
+# A hint's cached layout: position, group and slot ids, the first text position, its [TYPE] positions.
+_HintLayout = tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]
 
 
 @dataclass
@@ -56,7 +61,9 @@ class Prepared:
 class Launched:
     prepared: Prepared
     logits: torch.Tensor
-    keep: torch.Tensor  # [B, L, L] bool: the links worth sending back
+    spans: torch.Tensor  # [B, L, L] bool: candidate span links (h <= t in the text)
+    head_rank: torch.Tensor  # [B, L, R] bool: text token i has a head link to the hint's r-th [TYPE]
+    tail_rank: torch.Tensor  # [B, L, R] bool: the r-th [TYPE] has a tail link to text token j
     ready: torch.cuda.Event | None  # the batch's kernels on the main stream are done once this fires
     gpu_start: torch.cuda.Event | None
 
@@ -64,9 +71,12 @@ class Launched:
 @dataclass
 class Fetched:
     prepared: Prepared
-    counts: torch.Tensor
-    pairs: torch.Tensor
-    scores: torch.Tensor
+    counts: torch.Tensor  # spans per forward
+    spans: torch.Tensor  # [S, 2] (h, t)
+    span_scores: torch.Tensor  # [S]
+    matched: torch.Tensor  # [S, R] bool
+    head_scores: torch.Tensor | None  # [S, R] (batches with a classification forward only)
+    tail_scores: torch.Tensor | None
     cls_rows: torch.Tensor | None
     cls_cols: torch.Tensor | None
     gpu_start: torch.cuda.Event | None
@@ -84,7 +94,7 @@ class ForwardRunner:
         if cls_score not in CLS_SCORES:
             raise ValueError(f"cls_score must be one of {CLS_SCORES}")
         self.score = torch.sigmoid if cls_score == "sigmoid" else torch.clone
-        self._layouts: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray, np.ndarray, int]] = {}
+        self._layouts: dict[tuple[int, ...], _HintLayout] = {}
         self.model = model
         self.special = special
         self.device = device
@@ -93,13 +103,13 @@ class ForwardRunner:
         self._side = torch.cuda.Stream(device) if self.cuda else None  # link extraction and copies out
         self.timing = False  # time each batch with CUDA events (benchmarks read Fetched.gpu_start/ready)
 
-    def _hint_layout(self, f: Forward) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    def _hint_layout(self, f: Forward) -> _HintLayout:
         """Layout of the `[CLS] hint [SEP]` part, cached: many forwards share a hint."""
         key = tuple(f.ids[: f.num_hint_tokens])
         hit = self._layouts.get(key)
         if hit is None:
             pos, group, slot = build_layout(f.ids[: f.num_hint_tokens], self.special)
-            hit = (pos, group, slot, int(pos.max()) + 1)
+            hit = (pos, group, slot, int(pos.max()) + 1, type_positions(key, self.special.type))
             if len(self._layouts) >= 50_000:
                 self._layouts.clear()
             self._layouts[key] = hit
@@ -153,6 +163,10 @@ class ForwardRunner:
         for array, k in ((pos, 0), (group, 1), (slot, 2)):
             array[in_hint] = np.concatenate([layout[k] for layout in layouts])
         valid[:] = in_row
+        # [TYPE] positions per forward (rank order = slot order), padded with 0: column 0 ([CLS]) is no type.
+        counts = [len(layout[4]) for layout in layouts]
+        types = np.zeros((n, max(counts)), dtype=np.int64)
+        types[np.arange(types.shape[1]) < np.asarray(counts)[:, None]] = np.concatenate([layout[4] for layout in layouts])
         host = torch.from_numpy(packed)
         if self.cuda:
             host = host.pin_memory()
@@ -160,6 +174,7 @@ class ForwardRunner:
         tensors = dict(zip(_ARRAYS, device.unbind(0)))
         tensors["valid"] = tensors["valid"].bool()
         tensors["nh"] = torch.from_numpy(nh).to(self.device, non_blocking=True)
+        tensors["types"] = torch.from_numpy(types).to(self.device, non_blocking=True)
         return Prepared(tensors, nh, lengths, [b for b, f in enumerate(forwards) if f.want_cls_probs], started)
 
     def tensors(self, forwards: Sequence[Forward]) -> dict[str, torch.Tensor]:
@@ -185,11 +200,12 @@ class ForwardRunner:
 
     @torch.inference_mode()
     def launch(self, prepared: Prepared) -> Launched:
-        """Queue the model and the link selection on the device; returns without waiting for them.
+        """Queue the model and the link join on the device; returns without waiting for them.
 
-        Kept links: head links (text row → [TYPE] column), tail links ([TYPE] row → text column),
-        and span links (h ≤ t in the text) whose head row has some head link and whose tail column
-        has some tail link — a span without both can never be decoded, so it never leaves the device.
+        The three-link rule of `decode` is joined here: head links (text row → [TYPE] column) and
+        tail links ([TYPE] row → text column) are gathered per slot rank, and the candidate spans are
+        the span links (h ≤ t in the text) whose head row has some head link and whose tail column
+        has some tail link. `fetch` then only pairs each candidate with its ranks.
         """
         t = prepared.tensors
         gpu_start = self._event() if self.timing else None
@@ -201,37 +217,49 @@ class ForwardRunner:
         positive = logits > 0
         heads = positive & text[:, :, None] & is_type[:, None, :]
         tails = positive & is_type[:, :, None] & text[:, None, :]
-        has_head, has_tail = heads.any(-1), tails.any(-2)
-        spans = positive & (has_head[:, :, None] & has_tail[:, None, :]) & (idx[:, None] <= idx[None, :])
-        return Launched(prepared, logits, heads | tails | spans, self._event(), gpu_start)
+        spans = positive & (heads.any(-1)[:, :, None] & tails.any(-2)[:, None, :]) & (idx[:, None] <= idx[None, :])
+        types = t["types"]
+        head_rank = heads.gather(2, types[:, None, :].expand(-1, width, -1))
+        tail_rank = tails.gather(1, types[:, :, None].expand(-1, -1, width)).transpose(1, 2)
+        return Launched(prepared, logits, spans, head_rank, tail_rank, self._event(), gpu_start)
 
     @torch.inference_mode()
     def fetch(self, launched: Launched) -> Fetched:
-        """Extract and queue the copies out on the side stream: waits for this batch's kernels only."""
-        prepared, logits, keep = launched.prepared, launched.logits, launched.keep
+        """Pair the candidate spans with their slot ranks and queue the copies out, on the side stream."""
+        prepared, logits = launched.prepared, launched.logits
         stream = nullcontext()
         if self._side is not None and launched.ready is not None:
             self._side.wait_event(launched.ready)
-            for t in (logits, keep, prepared.tensors["nh"]):
+            for t in (logits, launched.spans, launched.head_rank, launched.tail_rank, prepared.tensors["nh"],
+                      prepared.tensors["types"]):
                 t.record_stream(self._side)  # made on the main stream, read on the side one
             stream = torch.cuda.stream(self._side)
         with stream:
-            where = keep.nonzero()  # the one host wait: the number of links is data-dependent
-            counts = torch.bincount(where[:, 0], minlength=logits.shape[0])
-            scores = self.score(logits[where[:, 0], where[:, 2], where[:, 1]])
-            rows = cols = None
+            where = launched.spans.nonzero()  # the one host wait: the number of spans is data-dependent
+            b, first, last = where.unbind(1)
+            matched = launched.head_rank[b, first] & launched.tail_rank[b, last]
+            counts = torch.bincount(b, minlength=logits.shape[0])
+            span_scores = self.score(logits[b, last, first])  # the reference reads scores at (col, row)
+            head_scores = tail_scores = rows = cols = None
             if prepared.cls:
-                b = torch.tensor(prepared.cls, device=logits.device)
-                h = prepared.tensors["nh"][b]
-                rows, cols = self._to_host(self.score(logits[b, h, :])), self._to_host(self.score(logits[b, :, h]))
+                slot_tokens = prepared.tensors["types"][b]  # [S, R]
+                head_scores = self._to_host(self.score(logits[b[:, None], slot_tokens, first[:, None]]))
+                tail_scores = self._to_host(self.score(logits[b[:, None], last[:, None], slot_tokens]))
+                rows_of = torch.tensor(prepared.cls, device=logits.device)
+                nh = prepared.tensors["nh"][rows_of]
+                rows = self._to_host(self.score(logits[rows_of, nh, :]))
+                cols = self._to_host(self.score(logits[rows_of, :, nh]))
             return Fetched(prepared, self._to_host(counts), self._to_host(where[:, 1:].to(torch.int32)),
-                           self._to_host(scores), rows, cols, launched.gpu_start, launched.ready, self._event())
+                           self._to_host(span_scores), self._to_host(matched), head_scores, tail_scores, rows, cols,
+                           launched.gpu_start, launched.ready, self._event())
 
     def collect(self, fetched: Fetched) -> list[Links]:
         """Links of every forward of the batch, in order (waits for the copies out only)."""
         if fetched.done is not None:
             fetched.done.synchronize()
-        pairs, scores = fetched.pairs.numpy(), fetched.scores.numpy()
+        spans, span_scores, matched = fetched.spans.numpy(), fetched.span_scores.numpy(), fetched.matched.numpy()
+        head = None if fetched.head_scores is None else fetched.head_scores.numpy()
+        tail = None if fetched.tail_scores is None else fetched.tail_scores.numpy()
         cls_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         if fetched.cls_rows is not None and fetched.cls_cols is not None:
             nh = fetched.prepared.nh
@@ -241,6 +269,8 @@ class ForwardRunner:
         start = 0
         for b, count in enumerate(fetched.counts.tolist()):
             row, col = cls_rows.get(b, (None, None))
-            out.append(Links(pairs[start : start + count], scores[start : start + count], row, col))
+            part = slice(start, start + count)
+            out.append(Links(spans[part], span_scores[part], matched[part],
+                             None if head is None else head[part], None if tail is None else tail[part], row, col))
             start += count
         return out
