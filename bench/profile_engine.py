@@ -37,3 +37,15 @@ print(f"profiled pass: wall {wall * 1e3:.0f} ms, summed CUDA kernel time {kernel
       f"({kernel / wall:.0%} of wall)")
 print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
 print(eng.runner.model.fast_path_status())
+
+
+def compiled_variants(kernel: object) -> int | None:
+    """How many binaries triton compiled for a kernel (None where this triton does not say)."""
+    caches = getattr(kernel, "device_caches", None)
+    return sum(len(cache[0]) for cache in caches.values()) if isinstance(caches, dict) else None
+
+
+from rex_stream.engine import triton_attention, triton_norm  # noqa: E402
+
+print({"compiled_variants": {"attention": compiled_variants(triton_attention._disentangled_fwd),
+                             "add_layer_norm": compiled_variants(triton_norm._add_layer_norm_fwd)}})

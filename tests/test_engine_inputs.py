@@ -151,3 +151,22 @@ def test_device_join_equals_the_host_join(tiny_model, golden_cases, tmp_path):
             assert np.array_equal(links.tail_scores[:, :width], want.tail_scores)
         matches += int(want.matched.sum())
     assert matches > 100  # the join was exercised, not vacuous
+
+
+@pytest.mark.parametrize("count", [3, 4])  # odd and even rows x width
+def test_prepared_arrays_are_16_byte_aligned(tiny_model, golden_cases, count):
+    """Triton specialises on pointer alignment: every [B, L] input must start on a 16-byte boundary."""
+    import torch
+
+    from rex_stream.engine.recursion import solve
+    from rex_stream.engine.runner import ForwardRunner
+    from rex_stream.engine.weights import load_model
+
+    tok = RexTokenizer(tiny_model)
+    forwards = [f for case in golden_cases for f in next(solve(tok, case["text"], case["schema"]))]
+    width = max(len(f.ids) for f in forwards if len(f.ids) % 2)  # odd: rows x width is odd for 3 rows
+    batch = [f for f in forwards if len(f.ids) == width][:1] + [f for f in forwards if len(f.ids) < width][: count - 1]
+    runner = ForwardRunner(load_model(tiny_model)[0], tok.special, torch.device("cpu"), "fp32")
+    tensors = runner.prepare(batch).tensors
+    assert tensors["ids"].shape == (count, width)
+    assert all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in tensors.values())
