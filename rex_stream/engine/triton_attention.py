@@ -164,8 +164,13 @@ if triton is not None:
             d = tl.minimum(tl.maximum(d, 0), R - 1)
             inside = in_m[:, None] & in_n[None, :]
             c2p = tl.load(c2p_rows + d, mask=inside, other=0.0).to(tl.float32)
-            p2c_ptrs = P2C + table + offs_n.to(tl.int64)[None, :] * RS + d
-            p2c = tl.load(p2c_ptrs, mask=inside, other=0.0).to(tl.float32)
+            # P2C is gathered as a [keys, queries] tile and transposed: along the queries (the fast
+            # axis) the entries of one key's row are adjacent (d grows with pos_i), so a warp's loads
+            # share sectors; gathered [queries, keys] they were a table row apart (3.5-8 % slower
+            # attention on an H200, bench/results/h200-run6/tile_sweep_p2c.jsonl).
+            d_t = tl.minimum(tl.maximum(pos_i[None, :] - pos_j[:, None] + offset, 0), R - 1)
+            p2c_ptrs = P2C + table + offs_n.to(tl.int64)[:, None] * RS + d_t
+            p2c = tl.trans(tl.load(p2c_ptrs, mask=in_n[:, None] & in_m[None, :], other=0.0)).to(tl.float32)
 
             other_group = (grp_i[:, None] >= 0) & (grp_j[None, :] >= 0) & (grp_i[:, None] != grp_j[None, :])
             other_type = ((grp_i[:, None] >= 0) & (grp_i[:, None] == grp_j[None, :])
