@@ -21,7 +21,7 @@ $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton
 
 timeout ${REX_T_BENCH:-360} $py -m rex_stream.cli bench --workload ner,re,mix \
     --messages "${REX_BENCH_MESSAGES:-20000,20000,4000}" --model "$base" --device cuda --budgets 65536 \
-    --baseline-a-messages 60 --agreement-messages 300 --warmup-messages ${REX_BENCH_WARMUP:-2048} --engine-kwargs "{\"attention\": \"$attention\"}" \
+    --baseline-a-messages 60 --agreement-messages 300 --warmup-messages ${REX_BENCH_WARMUP:-2048} --engine-kwargs "{\"attention\": \"$attention\"${REX_BENCH_ADMIT:+, \"admit_batches\": $REX_BENCH_ADMIT}}" \
     --out "$res" 2>&1 | grep -vE "^\s*$" | grep -E "^\[bench|engine best|^\(" | tail -30
 
 $py - "$shared" "$res/mix_cases.jsonl" <<'PY'

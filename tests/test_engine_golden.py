@@ -52,12 +52,14 @@ def test_sigmoid_scoring_changes_only_classification(tiny_model: Path, golden_ca
     assert 0 < differing < 40
 
 
-@pytest.mark.parametrize("depth,budget", [(1, 16384), (3, 600), (5, 2048)])
+@pytest.mark.parametrize("depth,budget,admit", [(1, 16384, None), (3, 600, 2), (5, 2048, 0.5)])
 def test_pipeline_depth_and_budget_do_not_change_answers(tiny_model: Path, golden_cases: list[dict],
-                                                        depth: int, budget: int):
-    """Small budgets force many batches per level and plans made while batches are in flight."""
+                                                        depth: int, budget: int, admit: float | None):
+    """Small budgets force many batches per level and plans made while batches are in flight; small
+    admission chunks start requests while earlier ones are mid-recursion."""
     engine = Engine(tiny_model, limits=Limits(allow_empty_text=True), batch_tokens=budget)
     engine.pipeline_depth = depth
+    engine.admit_batches = admit
     outcomes = engine.infer([(c["text"], c["schema"]) for c in golden_cases])
     wrong = [c["id"] for c, o in zip(golden_cases, outcomes) if o.output != c["output"] or o.forwards != c["forwards"]]
     assert not wrong, wrong[:5]

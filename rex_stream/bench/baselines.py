@@ -369,7 +369,8 @@ def competent_user_dtype(device: torch.device) -> str:
 def competent_user(engine: Engine, items: Sequence[Item], batch: int = 32, keep: int = 500,
                    dtype: str | None = None) -> PathRun:
     """Baseline (b): bf16 autocast (fp32 on CPU), fixed batches of `batch` in arrival order, eager,
-    one batch at a time (no host/device overlap, as a plain batched loop runs).
+    one batch at a time, every request started before the first batch (no host/device overlap, as a
+    plain batched loop runs).
 
     `engine` should be a plain fp32 engine (no fast paths enabled on its model).
     """
@@ -377,7 +378,8 @@ def competent_user(engine: Engine, items: Sequence[Item], batch: int = 32, keep:
     inner = ForwardRunner(engine.runner.model, engine.tokenizer.special, engine.device, dtype)
     inner.score = engine.runner.score
     runner = TimedRunner(inner, _flops_fn(engine))
-    view = _engine_view(engine, FixedBatchEngine, runner=runner, fixed_batch=batch, pipeline_depth=1)
+    view = _engine_view(engine, FixedBatchEngine, runner=runner, fixed_batch=batch, pipeline_depth=1,
+                        admit_batches=None)
     return _timed_infer("competent_user", view, runner, items, keep, {"dtype": dtype, "batch": batch})
 
 

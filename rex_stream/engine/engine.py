@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import gc
+import math
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -84,7 +85,8 @@ class Engine:
 
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "fp32", batch_tokens: int = 16384,
                  max_batch: int = 4096, limits: Limits = Limits(), cache_dir: str | None = None,
-                 cls_score: str = "logit", attention: str = "auto", compile_encoder: bool = False) -> None:
+                 cls_score: str = "logit", attention: str = "auto", compile_encoder: bool = False,
+                 admit_batches: float | None = 16) -> None:
         self.model_dir = resolve_model_dir(str(model), cache_dir)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -103,6 +105,10 @@ class Engine:
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
         self.pipeline_depth = 3  # batches in flight: the one the host decodes and those queued behind it
+        # Requests are started (schema walked, level 0 tokenised) while the device computes, until the
+        # pool of forwards waiting for a plan holds this many batches' tokens (see run_requests's
+        # admit); None starts every request before the first batch.
+        self.admit_batches = admit_batches
         self.limits = limits
         self.stats = EngineStats()
         relax_gc()
@@ -131,6 +137,7 @@ class Engine:
         links: dict[int, list[Links | None]] = {}  # per request: its current forwards' links so far
         missing: dict[int, int] = {}
         pool: list[_Item] = []
+        pending = iter(enumerate(requests))
 
         def advance(i: int, got: list[Links] | None) -> None:
             forwards = self._step(i, solvers, outcomes, got)
@@ -138,6 +145,40 @@ class Engine:
                 links[i] = [None] * len(forwards)
                 missing[i] = len(forwards)
                 pool.extend((i, k, f) for k, f in enumerate(forwards))
+
+        def admit(step: bool) -> bool:
+            """Start requests; False when none was left to start.
+
+            Without `step` (the planner found no batch queued): until the pool holds one batch's
+            tokens, or every request if `admit_batches` is None. With `step` (after each decoded
+            batch): up to two batches' tokens more, until the pool holds `admit_batches` batches'.
+            So the device starts at once, this host work overlaps the device's instead of preceding
+            it, and the pool grows while the device works: a bigger pool sorts more forwards
+            together (ner padding 6 % over all 20,000 messages, 15 % over pools of 8 batches of
+            65,536 tokens).
+            """
+            if self.admit_batches is None:
+                target = limit = math.inf
+            elif step:
+                target, limit = self.batch_tokens * self.admit_batches, 2 * self.batch_tokens
+            else:
+                target, limit = self.batch_tokens, math.inf
+            tokens = sum(len(f.ids) for _, _, f in pool)
+            added = 0
+            started = False
+            while tokens < target and added < limit:
+                nxt = next(pending, None)
+                if nxt is None:
+                    break
+                i, req = nxt
+                started = True
+                solvers[i] = solve(self.tokenizer, req.text, req.schema)
+                before = len(pool)
+                advance(i, None)
+                new = sum(len(f.ids) for _, _, f in pool[before:])
+                tokens += new
+                added += new
+            return started
 
         def deliver(item: _Item, link: Links | BaseException) -> None:
             i, k, _ = item
@@ -154,10 +195,7 @@ class Engine:
                 outcomes[i].forwards += len(got)
                 advance(i, got)  # type: ignore[arg-type]
 
-        for i, req in enumerate(requests):
-            solvers[i] = solve(self.tokenizer, req.text, req.schema)
-            advance(i, None)
-        self._pipeline(pool, deliver)
+        self._pipeline(pool, deliver, admit)
         return outcomes
 
     def _step(self, i: int, solvers: dict[int, Solver], outcomes: list[Outcome],
@@ -181,24 +219,29 @@ class Engine:
         """Batches (indices into `forwards`): the token-budget policy of `batching.plan_batches`."""
         return plan_batches([len(f.ids) for f in forwards], self.batch_tokens, self.max_batch)
 
-    def _pipeline(self, pool: list[_Item], deliver: Callable[[_Item, Links | BaseException], None]) -> None:
-        """Run every queued forward, including those `deliver` queues while decoding.
+    def _pipeline(self, pool: list[_Item], deliver: Callable[[_Item, Links | BaseException], None],
+                  admit: Callable[[bool], bool]) -> None:
+        """Run every forward `admit` and `deliver` queue into `pool` (new requests, next levels).
 
         Up to `pipeline_depth` - 1 batches are queued on the device behind the one the host is
         copying out and decoding (whose results may queue next-level forwards into `pool`), so the
-        device keeps computing while the host works. The pool is planned into batches whenever the
-        planned ones run out, so a level's forwards are mostly batched together as in a wavefront
-        (waiting for the batches in flight to join them left the device idle: re -11 %, mix -9 % on an
-        H100, bench/results/run3b). A batch that runs out of device memory is split in half and
-        retried; a single forward that does not fit fails alone.
+        device keeps computing while the host works. After each decoded batch a slice of new requests
+        is started (`admit`), so that host work too overlaps the device instead of preceding all of
+        it. Whenever the planned batches run out, the pool is topped up and planned, so a level's
+        forwards are mostly batched together as in a wavefront (waiting for the batches in flight to
+        join them left the device idle: re -11 %, mix -9 % on an H100, bench/results/run3b). A batch
+        that runs out of device memory is split in half and retried; a single forward that does not
+        fit fails alone.
         """
         queue: deque[list[_Item]] = deque()
         inflight: deque[tuple[list[_Item], Launched]] = deque()
         while True:
             while len(inflight) < self.pipeline_depth:
-                if not queue and pool:
-                    queue.extend([pool[k] for k in batch] for batch in self.plan([f for _, _, f in pool]))
-                    pool.clear()
+                if not queue:
+                    admit(False)
+                    if pool:
+                        queue.extend([pool[k] for k in batch] for batch in self.plan([f for _, _, f in pool]))
+                        pool.clear()
                 if not queue:
                     break
                 items = queue.popleft()
@@ -207,7 +250,7 @@ class Engine:
                 if launched is not None:
                     inflight.append((items, launched))
             if not inflight:
-                if not queue and not pool:
+                if not queue and not pool and not admit(False):
                     return
                 continue
             items, launched = inflight.popleft()
@@ -216,6 +259,7 @@ class Engine:
                 self._count(launched.prepared.lengths)
                 for item, link in zip(items, self.runner.collect(fetched)):
                     deliver(item, link)
+                admit(True)
 
     def _guard(self, items: list[_Item], queue: deque[list[_Item]],
                deliver: Callable[[_Item, Links | BaseException], None], stage: Callable[[], Any]) -> Any:
