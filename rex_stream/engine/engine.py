@@ -34,9 +34,6 @@ _Item = tuple[int, int, Forward]
 
 _GC_THRESHOLDS = (50_000, 20, 10)
 
-# While requests are still being started, planned batches padded beyond this share wait for more forwards.
-PLAN_PADDING = 0.08
-
 
 def resolve_attention(attention: str, device: torch.device, dtype: str) -> str:
     """"auto": the fused Triton kernel for reduced precision on CUDA, else the exact SDPA path.
@@ -141,7 +138,6 @@ class Engine:
         missing: dict[int, int] = {}
         pool: list[_Item] = []
         pending = iter(enumerate(requests))
-        waiting = [True] if requests else []  # non-empty while requests remain to be started
 
         def advance(i: int, got: list[Links] | None) -> None:
             forwards = self._step(i, solvers, outcomes, got)
@@ -151,7 +147,7 @@ class Engine:
                 pool.extend((i, k, f) for k, f in enumerate(forwards))
 
         def admit(step: bool) -> bool:
-            """Start requests; returns whether some are still waiting to start.
+            """Start requests; False when none was left to start.
 
             Without `step` (the planner found no batch queued): until the pool holds one batch's
             tokens, or every request if `admit_batches` is None. With `step` (after each decoded
@@ -169,19 +165,20 @@ class Engine:
                 target, limit = self.batch_tokens, math.inf
             tokens = sum(len(f.ids) for _, _, f in pool)
             added = 0
+            started = False
             while tokens < target and added < limit:
                 nxt = next(pending, None)
                 if nxt is None:
-                    waiting.clear()
                     break
                 i, req = nxt
+                started = True
                 solvers[i] = solve(self.tokenizer, req.text, req.schema)
                 before = len(pool)
                 advance(i, None)
                 new = sum(len(f.ids) for _, _, f in pool[before:])
                 tokens += new
                 added += new
-            return bool(waiting)
+            return started
 
         def deliver(item: _Item, link: Links | BaseException) -> None:
             i, k, _ = item
@@ -230,8 +227,7 @@ class Engine:
         copying out and decoding (whose results may queue next-level forwards into `pool`), so the
         device keeps computing while the host works. After each decoded batch a slice of new requests
         is started (`admit`), so that host work too overlaps the device instead of preceding all of
-        it. Whenever the planned batches run out, the pool is topped up and planned (`_plan_pool`:
-        while requests are still being started, badly padded batches wait for more), so a level's
+        it. Whenever the planned batches run out, the pool is topped up and planned, so a level's
         forwards are mostly batched together as in a wavefront (waiting for the batches in flight to
         join them left the device idle: re -11 %, mix -9 % on an H100, bench/results/run3b). A batch
         that runs out of device memory is split in half and retried; a single forward that does not
@@ -242,9 +238,10 @@ class Engine:
         while True:
             while len(inflight) < self.pipeline_depth:
                 if not queue:
-                    more = admit(False)
+                    admit(False)
                     if pool:
-                        queue.extend(self._plan_pool(pool, final=not more))
+                        queue.extend([pool[k] for k in batch] for batch in self.plan([f for _, _, f in pool]))
+                        pool.clear()
                 if not queue:
                     break
                 items = queue.popleft()
@@ -263,23 +260,6 @@ class Engine:
                 for item, link in zip(items, self.runner.collect(fetched)):
                     deliver(item, link)
                 admit(True)
-
-    def _plan_pool(self, pool: list[_Item], final: bool) -> list[list[_Item]]:
-        """Plan the pool into batches; unless `final`, keep back the badly padded ones.
-
-        While requests are still being started, a batch padded beyond `PLAN_PADDING` waits in the
-        pool for forwards of similar length (one is always sent, so the device has work); once
-        none is waiting, everything is planned.
-        """
-        batches = [[pool[k] for k in batch] for batch in self.plan([f for _, _, f in pool])]
-        pool.clear()
-        if final or self.admit_batches is None or len(batches) < 2:
-            return batches
-        padding = [1 - sum(len(f.ids) for _, _, f in b) / (len(b) * max(len(f.ids) for _, _, f in b)) for b in batches]
-        best = min(range(len(batches)), key=padding.__getitem__)
-        send = [b for k, b in enumerate(batches) if k == best or padding[k] <= PLAN_PADDING]
-        pool.extend(item for k, b in enumerate(batches) if not (k == best or padding[k] <= PLAN_PADDING) for item in b)
-        return send
 
     def _guard(self, items: list[_Item], queue: deque[list[_Item]],
                deliver: Callable[[_Item, Links | BaseException], None], stage: Callable[[], Any]) -> Any:
