@@ -182,7 +182,7 @@ class ForwardRunner:
         return Prepared(tensors, nh, lengths, [b for b, f in enumerate(forwards) if f.want_cls_probs], started)
 
     def tensors(self, forwards: Sequence[Forward]) -> dict[str, torch.Tensor]:
-        """The device tensors of one padded batch (ids, pos, group, slot, valid, nh)."""
+        """The device tensors of one padded batch (ids, pos, group, slot, valid, nh, types)."""
         return self.prepare(forwards).tensors
 
     @torch.inference_mode()
