@@ -54,7 +54,6 @@ class DecodeInput:
 
     offsets: list[tuple[int, int]]
     num_hint_tokens: int
-    hint_offsets: dict[int, int]  # hint character → token index, as the reference maps it
     slots: Mapping[Slot, int]  # slot → character of its [TYPE] in the hint
     text: str
 
@@ -151,9 +150,10 @@ def decode_blank(inp: DecodeInput, links: Links) -> list[Hit]:
     span, start = located
     end = inp.offsets[nh][1]
     span_p = float(links.cls_row[nh])
+    token_of_char = hint_char_to_token(inp.offsets, nh)
     hits = []
     for slot, char in inp.slots.items():
-        token = inp.hint_offsets[char]
+        token = token_of_char[char]
         conf = _confidence(span_p, float(links.cls_col[token]), float(links.cls_row[token]))
         hits.append(Hit(slot, span, start, end, conf))
     return hits

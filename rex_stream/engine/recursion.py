@@ -16,7 +16,7 @@ from collections.abc import Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .decode import DecodeInput, Hit, Links, Result, decode_blank, decode_links, hint_char_to_token
+from .decode import DecodeInput, Hit, Links, Result, decode_blank, decode_links
 from .prompt import Prefix, build_hints
 from .tokenizer import CLASSIFY_TOKEN, MULTI_CLASSIFY_TOKEN, RexTokenizer, Window
 
@@ -108,11 +108,8 @@ def _recurse(tok: RexTokenizer, text: str, schema: Mapping[str, Any], legal: set
         candidates: list[tuple[str, list[float]]] = []
         for index, (plan, link) in enumerate(zip(planned, links)):
             w = plan.window
-            inp = DecodeInput(
-                offsets=w.offsets, num_hint_tokens=w.num_hint_tokens,
-                hint_offsets=hint_char_to_token(w.offsets, w.num_hint_tokens),
-                slots=hints[plan.chunk].slots, text=plan.text,
-            )
+            inp = DecodeInput(offsets=w.offsets, num_hint_tokens=w.num_hint_tokens,
+                              slots=hints[plan.chunk].slots, text=plan.text)
             if marker is None:
                 hits = decode_links(inp, link, with_confidence=False)
                 results.extend(_extraction_step(hits, level, legal, next_level))
