@@ -147,7 +147,7 @@ class Engine:
                 pool.extend((i, k, f) for k, f in enumerate(forwards))
 
         def admit(step: bool) -> bool:
-            """Start requests; False when none was left to start.
+            """Start requests; returns whether it started any (False once none is left to start).
 
             Without `step` (the planner found no batch queued): until the pool holds one batch's
             tokens, or every request if `admit_batches` is None. With `step` (after each decoded

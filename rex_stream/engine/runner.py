@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -42,8 +43,14 @@ CLS_SCORES = ("logit", "sigmoid")
 
 _ARRAYS = ("ids", "pos", "group", "slot", "valid")
 
-# A hint's cached layout: position, group and slot ids, the first text position, its [TYPE] positions.
-_HintLayout = tuple[np.ndarray, np.ndarray, np.ndarray, int, np.ndarray]
+class _HintLayout(NamedTuple):
+    """The cached layout of one `[CLS] hint [SEP]`: what every forward with that hint shares."""
+
+    pos: np.ndarray
+    group: np.ndarray
+    slot: np.ndarray
+    text_start: int  # the first text token's position id
+    types: np.ndarray  # positions of its [TYPE] tokens (rank order = slot order)
 
 
 @dataclass
@@ -109,7 +116,7 @@ class ForwardRunner:
         hit = self._layouts.get(key)
         if hit is None:
             pos, group, slot = build_layout(f.ids[: f.num_hint_tokens], self.special)
-            hit = (pos, group, slot, int(pos.max()) + 1, type_positions(key, self.special.type))
+            hit = _HintLayout(pos, group, slot, int(pos.max()) + 1, type_positions(key, self.special.type))
             if len(self._layouts) >= 50_000:
                 self._layouts.clear()
             self._layouts[key] = hit
@@ -160,17 +167,17 @@ class ForwardRunner:
         ids[in_row] = np.fromiter(itertools.chain.from_iterable(f.ids for f in forwards), dtype=np.int64,
                                   count=sum(lengths))
         # Text positions continue after the hint's largest position: column - nh + start.
-        starts = np.fromiter((layout[3] for layout in layouts), dtype=np.int64, count=n)
+        starts = np.fromiter((layout.text_start for layout in layouts), dtype=np.int64, count=n)
         pos[:] = np.where(in_row, columns - nh[:, None] + starts[:, None], 0)
         group.fill(-1)
         slot.fill(-1)
-        for array, k in ((pos, 0), (group, 1), (slot, 2)):
-            array[in_hint] = np.concatenate([layout[k] for layout in layouts])
+        for array, field in ((pos, "pos"), (group, "group"), (slot, "slot")):
+            array[in_hint] = np.concatenate([getattr(layout, field) for layout in layouts])
         valid[:] = in_row
         # [TYPE] positions per forward (rank order = slot order), padded with 0: column 0 ([CLS]) is no type.
-        counts = [len(layout[4]) for layout in layouts]
+        counts = [len(layout.types) for layout in layouts]
         types = np.zeros((n, max(counts)), dtype=np.int64)
-        types[np.arange(types.shape[1]) < np.asarray(counts)[:, None]] = np.concatenate([layout[4] for layout in layouts])
+        types[np.arange(types.shape[1]) < np.asarray(counts)[:, None]] = np.concatenate([layout.types for layout in layouts])
         host = torch.from_numpy(packed)
         if self.cuda:
             host = host.pin_memory()
