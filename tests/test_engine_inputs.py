@@ -85,6 +85,26 @@ def test_token_budget_batches():
     assert plan_batches([5] * 10, max_tokens=1000, max_batch=4) == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
+def test_batches_cut_where_lengths_jump():
+    """One long forward runs alone instead of padding a budget's worth of short ones."""
+    lengths = [50] * 1000 + [400]
+    batches = plan_batches(lengths, max_tokens=65536, max_batch=4096, batch_cost=2048)
+    assert batches == [[1000], list(range(1000))]
+    # Filling the budget would have put the long one with 162 short ones: 7 batches in all.
+    assert len(plan_batches(lengths, max_tokens=65536, max_batch=4096, batch_cost=10**9)) == 2
+
+
+def test_batch_cost_trades_padding_for_batches():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(512, rng.lognormal(4.0, 0.5, 3000).astype(int) + 8).tolist()
+    batches = plan_batches(lengths, max_tokens=65536, max_batch=4096)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    assert all(len(b) * max(lengths[i] for i in b) <= 65536 for b in batches)
+    fewest = plan_batches(lengths, max_tokens=65536, max_batch=4096, batch_cost=10**9)
+    assert len(fewest) < len(batches)
+    assert padding_share(lengths, batches) < 0.5 * padding_share(lengths, fewest)
+
+
 @pytest.mark.parametrize("text, schema, code", [
     ("", {"a": None}, "empty_text"),
     (None, {"a": None}, "bad_text"),

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from .batching import plan_batches
+from .batching import BATCH_COST_TOKENS, plan_batches
 from .decode import Links
 from .recursion import Forward, Solver, solve
 from .requests import Limits, Request, RequestError, validate
@@ -104,6 +104,7 @@ class Engine:
         self.dtype = dtype
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
+        self.batch_cost = BATCH_COST_TOKENS  # planning's fixed cost per batch, in padded tokens
         self.pipeline_depth = 3  # batches in flight: the one the host decodes and those queued behind it
         # Requests are started (schema walked, level 0 tokenised) while the device computes, until the
         # pool of forwards waiting for a plan holds this many batches' tokens (see run_requests's
@@ -217,7 +218,7 @@ class Engine:
 
     def plan(self, forwards: Sequence[Forward]) -> list[list[int]]:
         """Batches (indices into `forwards`): the token-budget policy of `batching.plan_batches`."""
-        return plan_batches([len(f.ids) for f in forwards], self.batch_tokens, self.max_batch)
+        return plan_batches([len(f.ids) for f in forwards], self.batch_tokens, self.max_batch, self.batch_cost)
 
     def _pipeline(self, pool: list[_Item], deliver: Callable[[_Item, Links | BaseException], None],
                   admit: Callable[[bool], bool]) -> None:
