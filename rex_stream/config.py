@@ -95,6 +95,8 @@ class BatchSettings(BaseModel):
     max_messages: int = Field(256, gt=0)
     max_tokens: int = Field(131_072, gt=0, description="estimated level-0 tokens per batch")
     max_wait_ms: int = Field(50, ge=0)
+    max_in_flight: int = Field(8, gt=0, description="batches handed to the engine and not finished yet; "
+                                                    "the engine sorts and pads their requests together")
 
 
 class LimitSettings(BaseModel):

@@ -2,8 +2,10 @@
 
 Where no Kafka broker can run next to the GPU (the benchmark machine has no Java), this measures
 everything the worker adds on top of the engine except the network: message decoding and
-validation from raw bytes, size/token/time-bounded batching, inference on a background thread
-while the next batch fills (as `Worker` does), and building the keyed JSON result records.
+validation from raw bytes, size/token/time-bounded batches handed to the engine server with up to
+`--in-flight` of them unfinished (as `Worker` does), and building the keyed JSON result records.
+The engine's own rate is measured on the whole workload in one call (as `rex-stream bench` runs
+it) and, for reference, in calls of one worker batch each (the worker's path before the server).
 
 `python -m rex_stream.bench.worker_path --model DIR --workload ner --messages 20000 --device cuda`
 """
@@ -14,14 +16,15 @@ import argparse
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
 from pathlib import Path
 
 import orjson
 import torch
 
-from ..config import LimitSettings
+from ..config import BatchSettings, LimitSettings
 from ..engine.engine import Engine
+from ..engine.server import EngineServer
 from ..stream.batcher import Accumulator, BatchPolicy, estimate_tokens
 from ..stream.messages import Source, decode, result_record
 from .report import write_json
@@ -34,28 +37,27 @@ def _sources(items: list[tuple[str, dict]]) -> list[Source]:
             for i, (t, s) in enumerate(items)]
 
 
-def run_worker_path(engine: Engine, sources: list[Source], policy: BatchPolicy) -> float:
-    """Messages/s through decode → batches → engine (overlapped) → result records."""
+def run_worker_path(engine: Engine, sources: list[Source], policy: BatchPolicy, in_flight: int) -> float:
+    """Messages/s through decode → batches → engine server (up to `in_flight` batches) → records."""
     limits = LimitSettings()
     acc: Accumulator = Accumulator(policy, time.monotonic)
-    pool = ThreadPoolExecutor(1)
-    inflight = None
+    server = EngineServer(engine)
+    flights: deque = deque()
     produced = 0
     start = time.perf_counter()
 
-    def finish(flight) -> int:
-        jobs, future = flight
-        outcomes = future.result()
-        records = [result_record(j, o.output, "out", {"name": "bench"}, 0) for j, o in zip(jobs, outcomes)]
+    def complete() -> int:
+        jobs, future = flights.popleft()
+        records = [result_record(j, o.output, "out", {"name": "bench"}, 0) for j, o in zip(jobs, future.result())]
         return len(records)
 
     def submit() -> None:
-        """Start the next batch, after collecting the one in flight (one batch on the device at a time)."""
-        nonlocal inflight, produced
+        """Hand the next batch over; at the in-flight limit, first wait for the oldest (as `Worker` does)."""
+        nonlocal produced
+        while flights and (flights[0][1].done() or len(flights) >= in_flight):
+            produced += complete()
         batch = acc.take()
-        if inflight is not None:
-            produced += finish(inflight)
-        inflight = (batch, pool.submit(engine.run_requests, [j.request for j in batch]))
+        flights.append((batch, server.submit([j.request for j in batch])))
 
     for src in sources:
         job = decode(src, limits, engine.limits, None)
@@ -64,12 +66,12 @@ def run_worker_path(engine: Engine, sources: list[Source], policy: BatchPolicy) 
             submit()
     while len(acc):
         submit()
-    if inflight is not None:
-        produced += finish(inflight)
+    while flights:
+        produced += complete()
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    pool.shutdown()
+    server.close()
     assert produced == len(sources)
     return len(sources) / elapsed
 
@@ -90,7 +92,8 @@ def main() -> int:
     p.add_argument("--messages", type=int, default=20_000)
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16")
-    p.add_argument("--batch-messages", type=int, default=2048)
+    p.add_argument("--batch-messages", type=int, default=BatchSettings().max_messages)
+    p.add_argument("--in-flight", type=int, default=BatchSettings().max_in_flight)
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--attention", default="auto", help="engine attention path (auto, sdpa, flex, triton)")
     p.add_argument("--out", type=Path)
@@ -101,12 +104,14 @@ def main() -> int:
                     attention=args.attention)
     engine.infer(items[:256])  # warm-up
     policy = BatchPolicy(args.batch_messages, 10**9, 1000)
-    engine_rate = run_engine(engine, items, args.batch_messages)
-    worker_rate = run_worker_path(engine, _sources(items), policy)
+    engine_rate = run_engine(engine, items, len(items))
+    chunked_rate = run_engine(engine, items, args.batch_messages)
+    worker_rate = run_worker_path(engine, _sources(items), policy, args.in_flight)
     result = {"workload": args.workload, "messages": len(items), "device": torch.cuda.get_device_name()
               if engine.device.type == "cuda" else "cpu", "dtype": args.dtype, "attention": engine.runner.model.attention,
-              "batch_messages": args.batch_messages,
-              "engine_msgs_s": engine_rate, "worker_path_msgs_s": worker_rate, "ratio": worker_rate / engine_rate,
+              "batch_messages": args.batch_messages, "in_flight": args.in_flight,
+              "engine_msgs_s": engine_rate, "engine_per_batch_msgs_s": chunked_rate, "worker_path_msgs_s": worker_rate,
+              "ratio": worker_rate / engine_rate,
               "date": time.strftime("%Y-%m-%d", time.gmtime())}
     print(json.dumps(result, indent=1))
     if args.out:

@@ -5,6 +5,8 @@ packed into token-budget batches, then the level-1 forwards their decoding asks 
 Batches run through a pipeline (`Engine._pipeline`): while the device computes the next batches
 the host decodes an earlier one and pads the one after. A request's answer never depends on its
 batch mates (padding is isolated), and one failing request or forward never fails the others.
+Requests come from a `sources.Source`: the list of one `run_requests` call, or the queue of an
+`server.EngineServer` that callers feed while the loop runs.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import atexit
 import gc
 import math
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,11 +27,12 @@ from .decode import Links
 from .recursion import Forward, Solver, solve
 from .requests import Limits, Request, RequestError, validate
 from .runner import DTYPES, ForwardRunner, Launched
+from .sources import ListSource, Source
 from .tokenizer import RexTokenizer
 from .weights import load_model, resolve_model_dir
 
-# A queued forward: (request index, index among the request's current forwards, the forward).
-_Item = tuple[int, int, Forward]
+# A queued forward: (request key, index among the request's current forwards, the forward).
+_Item = tuple[Hashable, int, Forward]
 
 
 _GC_THRESHOLDS = (50_000, 20, 10)
@@ -86,7 +89,7 @@ class Engine:
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "fp32", batch_tokens: int = 16384,
                  max_batch: int = 4096, limits: Limits = Limits(), cache_dir: str | None = None,
                  cls_score: str = "logit", attention: str = "auto", compile_encoder: bool = False,
-                 admit_batches: float | None = 16) -> None:
+                 admit_batches: float | None = 16, fusions: frozenset[str] | None = None) -> None:
         self.model_dir = resolve_model_dir(str(model), cache_dir)
         self.device = torch.device(device)
         if self.device.type == "cuda":
@@ -96,6 +99,8 @@ class Engine:
         net, self.config = load_model(self.model_dir, device=str(self.device))
         # Falls back to the exact SDPA path if the fused one fails its self-check.
         net.set_attention(resolve_attention(attention, self.device, dtype))
+        if fusions is not None:
+            net.set_fusions(fusions)  # the fused fast path's fusions (RexModel.set_fusions); default all
         if dtype != "fp32":
             net.store_matmul_weights(DTYPES[dtype])  # same numbers as autocast's per-call casts, once
         if compile_encoder:
@@ -134,29 +139,55 @@ class Engine:
     def run_requests(self, requests: Sequence[Request]) -> list[Outcome]:
         """Run requests that already passed `validate` (the worker validates while decoding)."""
         outcomes = [Outcome() for _ in requests]
-        solvers: dict[int, Solver] = {}
-        links: dict[int, list[Links | None]] = {}  # per request: its current forwards' links so far
-        missing: dict[int, int] = {}
-        pool: list[_Item] = []
-        pending = iter(enumerate(requests))
 
-        def advance(i: int, got: list[Links] | None) -> None:
+        def finish(i: Hashable, outcome: Outcome) -> None:
+            outcomes[i] = outcome  # type: ignore[index]
+
+        self.serve(ListSource(requests), finish)
+        return outcomes
+
+    def run_isolated(self, requests: Sequence[Request]) -> list[Outcome]:
+        """`run_requests`, but a failure of the whole call is retried on halves, down to the request
+        that causes it, so one bad request costs itself and not its batch mates."""
+        try:
+            return self.run_requests(requests)
+        except Exception as exc:  # noqa: BLE001 - any device/runtime failure
+            if len(requests) == 1:
+                return [Outcome(error=RequestError("inference_error", f"{type(exc).__name__}: {exc}"))]
+            half = len(requests) // 2
+            return self.run_isolated(requests[:half]) + self.run_isolated(requests[half:])
+
+    def serve(self, source: Source, finish: Callable[[Hashable, Outcome], None]) -> None:
+        """Run every request `source` hands out, calling `finish(key, outcome)` as each one ends.
+
+        Returns once the source is exhausted (`take` gives None and `wait` says no more will come)
+        and every started request has finished. An exception (not an out-of-memory, which splits
+        batches) propagates; the requests started and not yet finished are then lost to this call.
+        """
+        outcomes: dict[Hashable, Outcome] = {}
+        solvers: dict[Hashable, Solver] = {}
+        links: dict[Hashable, list[Links | None]] = {}  # per request: its current forwards' links so far
+        missing: dict[Hashable, int] = {}
+        pool: list[_Item] = []
+
+        def advance(i: Hashable, got: list[Links] | None) -> None:
             forwards = self._step(i, solvers, outcomes, got)
             if forwards:
                 links[i] = [None] * len(forwards)
                 missing[i] = len(forwards)
                 pool.extend((i, k, f) for k, f in enumerate(forwards))
+            else:
+                finish(i, outcomes.pop(i))
 
         def admit(step: bool) -> bool:
-            """Start requests; returns whether it started any (False once none is left to start).
+            """Start requests; returns whether it started any (False once none is waiting).
 
             Without `step` (the planner found no batch queued): until the pool holds one batch's
-            tokens, or every request if `admit_batches` is None. With `step` (after each decoded
-            batch): up to two batches' tokens more, until the pool holds `admit_batches` batches'.
-            So the device starts at once, this host work overlaps the device's instead of preceding
-            it, and the pool grows while the device works: a bigger pool sorts more forwards
-            together (ner padding 6 % over all 20,000 messages, 15 % over pools of 8 batches of
-            65,536 tokens).
+            tokens, or every waiting request if `admit_batches` is None. With `step` (after each
+            decoded batch): up to two batches' tokens more, until the pool holds `admit_batches`
+            batches'. So the device starts at once, this host work overlaps the device's instead of
+            preceding it, and the pool grows while the device works: a bigger pool sorts more
+            forwards together.
             """
             if self.admit_batches is None:
                 target = limit = math.inf
@@ -168,11 +199,12 @@ class Engine:
             added = 0
             started = False
             while tokens < target and added < limit:
-                nxt = next(pending, None)
+                nxt = source.take()
                 if nxt is None:
                     break
                 i, req = nxt
                 started = True
+                outcomes[i] = Outcome()
                 solvers[i] = solve(self.tokenizer, req.text, req.schema)
                 before = len(pool)
                 advance(i, None)
@@ -188,6 +220,7 @@ class Engine:
             if isinstance(link, BaseException):
                 outcomes[i].error = RequestError("inference_error", f"forward failed: {link}")
                 solvers.pop(i).close()
+                finish(i, outcomes.pop(i))
                 return
             links[i][k] = link
             missing[i] -= 1
@@ -196,10 +229,9 @@ class Engine:
                 outcomes[i].forwards += len(got)
                 advance(i, got)  # type: ignore[arg-type]
 
-        self._pipeline(pool, deliver, admit)
-        return outcomes
+        self._pipeline(pool, deliver, admit, source.wait)
 
-    def _step(self, i: int, solvers: dict[int, Solver], outcomes: list[Outcome],
+    def _step(self, i: Hashable, solvers: dict[Hashable, Solver], outcomes: dict[Hashable, Outcome],
               links: list[Links] | None) -> list[Forward] | None:
         """Step request i until it needs forwards (returned) or finishes (None)."""
         solver = solvers[i]
@@ -221,7 +253,7 @@ class Engine:
         return plan_batches([len(f.ids) for f in forwards], self.batch_tokens, self.max_batch, self.batch_cost)
 
     def _pipeline(self, pool: list[_Item], deliver: Callable[[_Item, Links | BaseException], None],
-                  admit: Callable[[bool], bool]) -> None:
+                  admit: Callable[[bool], bool], wait: Callable[[], bool]) -> None:
         """Run every forward `admit` and `deliver` queue into `pool` (new requests, next levels).
 
         Up to `pipeline_depth` - 1 batches are queued on the device behind the one the host is
@@ -232,7 +264,8 @@ class Engine:
         forwards are mostly batched together as in a wavefront (waiting for the batches in flight to
         join them left the device idle: re -11 %, mix -9 % on an H100, bench/results/run3b). A batch
         that runs out of device memory is split in half and retried; a single forward that does not
-        fit fails alone.
+        fit fails alone. With nothing left to run, `wait` blocks until more requests can be admitted
+        (True) or none will come (False: return).
         """
         queue: deque[list[_Item]] = deque()
         inflight: deque[tuple[list[_Item], Launched]] = deque()
@@ -251,7 +284,7 @@ class Engine:
                 if launched is not None:
                     inflight.append((items, launched))
             if not inflight:
-                if not queue and not pool and not admit(False):
+                if not queue and not pool and not admit(False) and not wait():
                     return
                 continue
             items, launched = inflight.popleft()

@@ -67,7 +67,8 @@ class WorkerMetrics:
                                          buckets=BATCH_FORWARDS_BUCKETS, registry=r).labels(self.worker)
         self._batch_tokens = Histogram(f"{PREFIX}_batch_tokens", "Estimated tokens per engine batch.", w,
                                        buckets=BATCH_TOKENS_BUCKETS, registry=r).labels(self.worker)
-        self._batch_seconds = Histogram(f"{PREFIX}_batch_seconds", "Engine time per batch, seconds.", w,
+        self._batch_seconds = Histogram(f"{PREFIX}_batch_seconds",
+                                        "Seconds from handing a batch to the engine to its results.", w,
                                         buckets=BATCH_SECONDS_BUCKETS, registry=r).labels(self.worker)
         self._latency = Histogram(f"{PREFIX}_latency_seconds",
                                   "End-to-end latency: input record timestamp to result confirmed, seconds.", w,

@@ -1,15 +1,17 @@
 """The stream worker: Kafka in → bounded batches → engine → results out → offsets committed.
 
 One process, one device. The main thread owns the Kafka clients and never stops polling; the
-engine runs one batch at a time on a background thread, so batch k+1 fills while batch k is on
-the device. Records (results and dead letters) are produced at a checkpoint after each batch,
-and offsets advance only over inputs whose record is durable:
+engine runs on its own thread (`EngineServer`), and up to `batch.max_in_flight` consumed batches
+are handed to it at once: their requests join one pipeline, sorted and padded together, so the
+device never drains between batches. Batches complete in order. Records (results and dead
+letters) are produced at a checkpoint after completed batches, and offsets advance only over
+inputs whose record is durable:
 
 * at-least-once: produce → flush and check every delivery → commit the contiguous done offsets;
 * exactly-once: begin → produce → send the offsets to the transaction → commit; an abortable
   error aborts and rewinds the consumer to the committed offsets; a fatal one (fenced) exits 3.
 
-Rebalances: on revoke, the in-flight batch is finished (bounded wait) and everything done is
+Rebalances: on revoke, the in-flight batches are finished (bounded wait) and everything done is
 committed before the partitions go; on lost, nothing is committed.
 """
 
@@ -20,7 +22,8 @@ import signal
 import socket
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +35,7 @@ from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consu
 from ..config import Settings
 from ..engine.engine import Engine, Outcome
 from ..engine.requests import RequestError
+from ..engine.server import EngineServer
 from .batcher import Accumulator, BatchPolicy, estimate_tokens
 from .kafka_io import (ConfirmingProducer, DeliveryError, consumer_config, is_abortable, is_fatal,
                        producer_config, to_source)
@@ -77,9 +81,9 @@ class Worker:
         self.owned: set[tuple[str, int]] = set()
         self.paused = False
         self.outputs: list[Record] = []
-        self.inflight: _InFlight | None = None
+        self.inflight: deque[_InFlight] = deque()  # oldest first: batches complete in this order
         self._stop = threading.Event()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rex-engine")
+        self.server = EngineServer(engine)
         self.consumer = Consumer(consumer_config(settings, self._on_stats, self.eos, self._on_client_error))
         txn_id = None
         if self.eos:
@@ -115,31 +119,34 @@ class Worker:
             self.log.error("worker_stopped", reason="fatal_kafka_error", error=str(exc))
             return EXIT_FATAL_KAFKA
         finally:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+            # Let the device thread end before the interpreter does (a daemon thread still inside
+            # torch at exit aborts the process); bounded, so a stuck device cannot hold a stop.
+            self.server.close(timeout=self.s.delivery.revoke_timeout_s, cancel=True)
 
     def _step(self) -> None:
         if self.health is not None:
             self.health.beat()
         wait = self.acc.wait_s()
-        timeout = 0.005 if self.inflight is not None else min(0.1, wait if wait is not None else 0.1)
+        timeout = 0.005 if self.inflight else min(0.1, wait if wait is not None else 0.1)
         messages = self.consumer.consume(num_messages=self.s.consumer.fetch_max_messages, timeout=timeout)
         for msg in messages:
             self._accept(msg)
-        completed = self.inflight is not None and self.inflight.future.done()
-        if completed:
+        completed = False
+        while self.inflight and self.inflight[0].future.done():
             self._complete()
-        if self.inflight is None and self.acc.ready():
+            completed = True
+        if len(self.inflight) < self.s.batch.max_in_flight and self.acc.ready():
             self._submit()
-        if self.outputs and (completed or self.inflight is None):
+        if self.outputs and (completed or not self.inflight):
             self._checkpoint()
         self._backpressure()
         if self.stats.due(self.s.monitor.stats_interval_s):
             self.log.info("stats", **self.stats.flush(self._gpu_memory()))
 
     def _drain(self) -> None:
-        """Graceful stop: finish the in-flight batch and commit; buffered inputs are left for redelivery."""
-        if self.inflight is not None:
-            self.inflight.future.result()
+        """Graceful stop: finish the in-flight batches and commit; buffered inputs are left for redelivery."""
+        while self.inflight:
+            self.inflight[0].future.result()
             self._complete()
         self._checkpoint()
 
@@ -174,25 +181,16 @@ class Worker:
     # ----------------------------------------------------------------------------- inference
 
     def _submit(self) -> None:
-        """Hand the next batch to the engine thread."""
+        """Hand the next batch to the engine thread (a failure of its pipeline is retried on halves
+        there, so only the request that causes it is dead-lettered)."""
         tokens = self.acc.tokens
         jobs = self.acc.take()
-        self.inflight = _InFlight(jobs, tokens - self.acc.tokens, self._executor.submit(self._infer, jobs))
-
-    def _infer(self, jobs: list[Job]) -> list[Outcome]:
-        """Engine call; a failure of the whole batch is retried on halves before anyone is dead-lettered."""
-        try:
-            return self.engine.run_requests([j.request for j in jobs])
-        except Exception as exc:  # noqa: BLE001 - any device/runtime failure
-            if len(jobs) == 1:
-                return [Outcome(error=RequestError("inference_error", f"{type(exc).__name__}: {exc}"))]
-            half = len(jobs) // 2
-            return self._infer(jobs[:half]) + self._infer(jobs[half:])
+        self.inflight.append(_InFlight(jobs, tokens - self.acc.tokens, self.server.submit([j.request for j in jobs])))
 
     def _complete(self) -> None:
-        assert self.inflight is not None
-        flight, self.inflight = self.inflight, None
-        outcomes = flight.future.result()
+        """Turn the oldest in-flight batch, finished, into records."""
+        flight = self.inflight.popleft()
+        outcomes: list[Outcome] = flight.future.result()
         now_ms = int(time.time() * 1000)
         for job, outcome in zip(flight.jobs, outcomes):
             if job.source.tp not in self.owned:
@@ -280,9 +278,8 @@ class Worker:
 
     def _rewind(self) -> None:
         """After an aborted transaction: forget uncommitted work and re-read from the committed offsets."""
-        if self.inflight is not None:
-            self.inflight.future.result()
-            self.inflight = None
+        while self.inflight:
+            self.inflight.popleft().future.result()
         self.acc.drop(lambda _job: False)
         self.outputs = []
         owned = sorted(self.owned)
@@ -308,12 +305,13 @@ class Worker:
 
     def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
         revoked = {(p.topic, p.partition) for p in partitions}
-        if self.inflight is not None:
-            try:
-                self.inflight.future.result(timeout=self.s.delivery.revoke_timeout_s)
+        deadline = time.monotonic() + self.s.delivery.revoke_timeout_s
+        try:
+            while self.inflight:
+                self.inflight[0].future.result(timeout=max(0.0, deadline - time.monotonic()))
                 self._complete()
-            except TimeoutError:
-                self.log.warning("revoke_timeout", partitions=_names(partitions))
+        except TimeoutError:
+            self.log.warning("revoke_timeout", partitions=_names(partitions))
         self._checkpoint()
         self._release(revoked)
         if self.metrics is not None:
@@ -340,7 +338,7 @@ class Worker:
 
     def _backpressure(self) -> None:
         """Pause fetching while too much is buffered; keep polling so the group stays alive."""
-        buffered = len(self.acc) + (len(self.inflight.jobs) if self.inflight else 0)
+        buffered = len(self.acc) + sum(len(flight.jobs) for flight in self.inflight)
         limit = self.s.consumer.max_buffered_messages
         if not self.paused and buffered >= limit:
             self.consumer.pause(self.consumer.assignment())

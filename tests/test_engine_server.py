@@ -1,0 +1,96 @@
+"""The engine server: submissions from other threads join one pipeline and get the golden answers."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from rex_stream.engine.engine import Engine
+from rex_stream.engine.requests import Limits, RequestError, validate
+from rex_stream.engine.server import EngineServer
+
+LIMITS = Limits(allow_empty_text=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> Engine:
+    # A small token budget and admission window, so submissions really do share batches and levels.
+    return Engine(tiny_model, batch_tokens=2048, limits=LIMITS, admit_batches=2)
+
+
+def _requests(cases: list[dict]) -> list:
+    return [validate(c["text"], c["schema"], LIMITS) for c in cases]
+
+
+def test_concurrent_submissions_get_golden_outputs(engine: Engine, golden_cases: list[dict]):
+    chunks = [golden_cases[i:i + 40] for i in range(0, len(golden_cases), 40)]
+    server = EngineServer(engine)
+    futures: list = [None] * len(chunks)
+
+    def submit(k: int) -> None:
+        futures[k] = server.submit(_requests(chunks[k]))
+
+    threads = [threading.Thread(target=submit, args=(k,)) for k in range(len(chunks))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        for chunk, future in zip(chunks, futures):
+            outcomes = future.result(timeout=600)
+            assert [o.output for o in outcomes] == [c["output"] for c in chunk]
+            assert all(o.error is None and o.forwards >= 1 for o in outcomes)
+        assert server.submit([]).result(timeout=1) == []
+    finally:
+        server.close(timeout=60)
+    with pytest.raises(RuntimeError, match="closed"):
+        server.submit(_requests(golden_cases[:1]))
+
+
+def test_close_with_cancel_drops_what_was_not_started(engine: Engine, golden_cases: list[dict]):
+    server = EngineServer(engine)
+    first = server.submit(_requests(golden_cases[:8]))
+    first.result(timeout=600)
+    # Many submissions at once: close(cancel=True) right away leaves most of them unstarted.
+    rest = [server.submit(_requests(golden_cases[i:i + 8])) for i in range(0, len(golden_cases), 8)]
+    server.close(timeout=600, cancel=True)
+    assert not server._thread.is_alive()
+    assert any(f.cancelled() for f in rest)
+    for future, start in zip(rest, range(0, len(golden_cases), 8)):
+        if not future.cancelled():
+            assert [o.output for o in future.result(timeout=1)] == [c["output"] for c in golden_cases[start:start + 8]]
+
+
+def test_a_pipeline_failure_costs_only_its_culprit(engine: Engine, golden_cases: list[dict], monkeypatch):
+    """A batch whose preparation raises fails the whole pipeline; the server reruns what it held on
+    halves, so only the request that causes it comes back with an error, and serving goes on."""
+    cases = golden_cases[:24]
+    poison = "这条消息让批次失败"
+    poison_ids = list(engine.tokenizer._encode_piece(poison)[0])
+    prepare = engine.runner.prepare
+
+    def carries_poison(ids: list[int]) -> bool:
+        n = len(poison_ids)
+        return any(ids[j:j + n] == poison_ids for j in range(len(ids) - n + 1))
+
+    def failing_prepare(forwards):
+        if any(carries_poison(f.ids) for f in forwards):
+            raise RuntimeError("injected device failure")
+        return prepare(forwards)
+
+    poisoned_request = validate(poison + "。", {"人物": None}, LIMITS)
+    monkeypatch.setattr(engine.runner, "prepare", failing_prepare)
+    server = EngineServer(engine)
+    try:
+        requests = _requests(cases[:12]) + [poisoned_request] + _requests(cases[12:])
+        outcomes = server.submit(requests).result(timeout=600)
+        bad = outcomes[12]
+        assert isinstance(bad.error, RequestError) and "injected device failure" in str(bad.error)
+        good = outcomes[:12] + outcomes[13:]
+        assert [o.output for o in good] == [c["output"] for c in cases]
+        later = server.submit(_requests(cases[:3])).result(timeout=600)
+        assert [o.output for o in later] == [c["output"] for c in cases[:3]]
+    finally:
+        server.close(timeout=60)
