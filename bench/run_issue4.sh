@@ -2,7 +2,7 @@
 # Every issue-4 figure in one device call (<10 min on one H100): `bench/run_issue4.sh RESULTS_DIR`.
 # Needs the package importable and REX_SHARED (rex/tiny-random, rex/golden, rex/data). Steps, most
 # important first, each under its own time limit so one slow step cannot lose the others:
-#   1. rex-stream bench ner,re,mix (one process; engine = bf16 + triton attention, budget 65536)
+#   1. rex-stream bench ner,re,mix (one process; engine = bf16 + triton attention, budgets REX_BENCH_BUDGETS)
 #   2. precision of that engine path against our fp32 path (tiny golden cases, base-model mix cases)
 #   3. worker path (no broker) against the bare engine, ner
 #   4. a kernel profile of the engine on ner
@@ -18,9 +18,10 @@ mkdir -p "$res"
     --vocab "$shared/rex/tiny-random/vocab.txt" >/dev/null
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$res/gpu.txt"
 $py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$res/gpu.txt"
+(lscpu | grep -E "^Model name"; echo "cpus $(nproc)") | tee -a "$res/gpu.txt"
 
 timeout ${REX_T_BENCH:-360} $py -m rex_stream.cli bench --workload ner,re,mix \
-    --messages "${REX_BENCH_MESSAGES:-20000,20000,4000}" --model "$base" --device cuda --budgets 65536 \
+    --messages "${REX_BENCH_MESSAGES:-20000,20000,4000}" --model "$base" --device cuda --budgets "${REX_BENCH_BUDGETS:-65536}" \
     --baseline-a-messages 60 --agreement-messages 300 --warmup-messages ${REX_BENCH_WARMUP:-2048} --engine-kwargs "{\"attention\": \"$attention\"${REX_BENCH_ADMIT:+, \"admit_batches\": $REX_BENCH_ADMIT}}" \
     --out "$res" 2>&1 | grep -vE "^\s*$" | grep -E "^\[bench|engine best|^\(" | tail -30
 

@@ -97,7 +97,7 @@ def test_batches_cut_where_lengths_jump():
 def test_batch_cost_trades_padding_for_batches():
     rng = np.random.default_rng(0)
     lengths = np.minimum(512, rng.lognormal(4.0, 0.5, 3000).astype(int) + 8).tolist()
-    batches = plan_batches(lengths, max_tokens=65536, max_batch=4096)
+    batches = plan_batches(lengths, max_tokens=65536, max_batch=4096, batch_cost=2048)
     assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
     assert all(len(b) * max(lengths[i] for i in b) <= 65536 for b in batches)
     fewest = plan_batches(lengths, max_tokens=65536, max_batch=4096, batch_cost=10**9)

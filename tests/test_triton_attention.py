@@ -1,4 +1,4 @@
-"""The fused Triton attention kernel (``set_attention("triton")``), on CPU.
+"""The fused Triton attention kernel (``set_attention("triton")``) and its fast path's kernels, on CPU.
 
 The kernel itself runs under the Triton interpreter, which must be switched on before triton is
 imported: those checks run in subprocesses (this file executed as a script with
@@ -98,6 +98,7 @@ def _kernel_checks() -> list[dict[str, Any]]:
                 "finite": bool(torch.isfinite(got).all()), "dead_rows_zero": bool((dead == 0).all()),
             })
     out.extend(_norm_checks())
+    out.extend(_rotary_checks())
     # The cases above ran the interpreted kernel for several L (1, 7, 37, 70); the interpreter never
     # compiles, so what can be checked here is that the decorator's list reached the kernel object.
     names = _unspecialised(triton_attention._disentangled_fwd)
@@ -134,8 +135,40 @@ def _norm_checks() -> list[dict[str, Any]]:
     return out
 
 
+# (batch, length, rotary width, as the two halves of a head output + bias): odd and single-token
+# lengths, a masked tail of pairs (50 pairs, 128 per program), the base model's width.
+ROTARY_CASES = [(3, 37, 64, False), (2, 13, 100, True), (1, 1, 768, True)]
+
+
+def _rotary_checks() -> list[dict[str, Any]]:
+    """The Triton rotary kernel against ``_Rotary.forward``, positions up to 511."""
+    from rex_stream.engine import triton_rotary
+    from rex_stream.engine.model import _Rotary
+
+    out = []
+    for batch, length, width, halves in ROTARY_CASES:
+        gen = torch.Generator().manual_seed(batch * length + width)
+        rotary = _Rotary(width)
+        pos = torch.randint(0, 512, (batch, length), generator=gen)
+        pos[-1, -1] = 511
+        if halves:  # q and k as strided views of one [B, L, 2W] tensor, as in the model
+            y, bias = 3 * torch.randn(batch, length, 2 * width, generator=gen), torch.randn(2 * width, generator=gen)
+            parts = list(zip(y.chunk(2, dim=-1), bias.chunk(2)))
+        else:
+            parts = [(3 * torch.randn(batch, length, width, generator=gen), None)]
+        for n, (x, bias_part) in enumerate(parts):
+            with torch.no_grad():
+                got = triton_rotary.rotate_pairs(x, pos, rotary.freqs, bias_part)
+                ref = rotary(x if bias_part is None else x + bias_part, pos)
+            out.append({"case": f"rotary-{batch}x{length}x{width}-{n}", "shape": list(got.shape),
+                        "dtype": str(got.dtype), "contiguous": got.is_contiguous(),
+                        "rel_err": float((got - ref).abs().max() / ref.abs().max())})
+    return out
+
+
 def _model_checks(tiny: Path) -> dict[str, Any]:
     from rex_stream.engine.fast_attention import layout_allowed
+    from rex_stream.engine.model import FUSIONS
     from rex_stream.engine.layout import build_layout
     from rex_stream.engine.tokenizer import RexTokenizer
     from rex_stream.engine.weights import load_model
@@ -175,7 +208,13 @@ def _model_checks(tiny: Path) -> dict[str, Any]:
         == set(map(tuple, f["positive"])) for b, f in enumerate(forwards))
     result["dense_mask_call_equals_sdpa"] = bool(torch.equal(run(fused, dense=True), run(sdpa, dense=True)))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        result["bf16_finite"] = bool(torch.isfinite(run(fused)).all())
+        fused.set_fusions(FUSIONS)  # gelu epilogue, split-bf16 head, rotary kernel
+        all_fusions = run(fused)
+        result["fusion_status"] = fused.fast_path_status()
+        fused.set_fusions(())
+        no_fusions = run(fused)
+    result["bf16_finite"] = bool(torch.isfinite(all_fusions).all())
+    result["fusions_rel_err"] = float((all_fusions - no_fusions).abs()[keep].max() / no_fusions.abs()[keep].max())
     result["status"] = fused.fast_path_status()
     return result
 
@@ -220,6 +259,14 @@ def test_kernel_matches_reference(kernel_results, length: int, dim: int, dtype: 
     assert row["shape"] == [3, length, 2 * dim] and row["out_dtype"] == dtype
     assert row["finite"] and row["dead_rows_zero"], row
     assert row["rel_err"] <= (KERNEL_TOL if dtype == "float32" else LOW_PRECISION_TOL), row
+
+
+@pytest.mark.parametrize(("batch", "length", "width", "halves"), ROTARY_CASES, ids=lambda x: str(x))
+def test_rotary_kernel_matches_eager(kernel_results, batch: int, length: int, width: int, halves: bool) -> None:
+    for n in range(2 if halves else 1):
+        row = kernel_results[f"rotary-{batch}x{length}x{width}-{n}"]
+        assert row["shape"] == [batch, length, width] and row["dtype"] == "torch.float32" and row["contiguous"], row
+        assert row["rel_err"] <= 1e-6, row  # fp32 maths, sin/cos of the reduced angle: ~1e-7 measured
 
 
 @pytest.mark.parametrize(("rows", "width", "dtype"), NORM_CASES, ids=lambda x: str(x))
@@ -283,6 +330,16 @@ def test_model_forward_matches_sdpa(model_results) -> None:
     assert r["dense_mask_call_equals_sdpa"]  # no group/slot: SDPA runs, the mode stays on
     assert r["status"]["self_checks"]["triton/cpu/float32"] < 1e-5
     assert r["bf16_finite"] and r["status"]["self_checks"]["triton/cpu/bfloat16"] < 0.02
+
+
+def test_model_fusions_run_and_agree(model_results) -> None:
+    """bf16 fast path with every fusion (rotary kernel interpreted, head emulated on CPU) against none."""
+    r = model_results
+    assert r["fusion_status"]["fusions"] == ["gelu", "head", "rotary"], r["fusion_status"]
+    assert r["fusion_status"]["fusion_errors"] == {}  # neither the head nor the rotary kernel fell back
+    assert r["status"]["fusions"] == [] and r["status"]["attention_active"] == "triton"
+    # Logits relative to max |logit|: the split-bf16 head is ~1e-5 off fp32, the rest ~1e-7 (CPU GELU is erf).
+    assert 0 < r["fusions_rel_err"] <= MODEL_TOL, r["fusions_rel_err"]
 
 
 # ------------------------------------------------------------------ in-process: plumbing, fallbacks

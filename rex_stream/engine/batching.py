@@ -5,8 +5,9 @@ of neighbouring lengths; each run is split into batches whose padded size `len(b
 stays within `max_tokens`, with at most `max_batch` items. Where the runs are cut is chosen to
 minimise the padded tokens plus a fixed cost per batch (`batch_cost` tokens: launching, padding
 and decoding a batch costs host and device time whatever its size). Filling every batch to the
-budget instead lets one long forward pad a whole batch of short ones: on the `ner` dev set in
-pools of 2,000 forwards that padded 35 % of the tokens, the cut runs 6 % (1 % over 20,000).
+budget instead lets one long forward pad a whole batch of short ones: over the 20,000 `ner`
+messages of the benchmark the engine's batches padded 6.1 % of their tokens (18.6 % with request
+admission); cut into runs, 2.2 % in 24 batches at the default cost (1.0 % in 29 at a cost of 2,048).
 """
 
 from __future__ import annotations
@@ -15,7 +16,11 @@ from collections.abc import Sequence
 
 import numpy as np
 
-BATCH_COST_TOKENS = 2048  # ~1 ms of a 65,536-token budget's device time: the per-batch overhead
+# What one more batch costs, in padded tokens. Mostly host time: launching a batch is ~13-16 ms of
+# Python and kernel dispatch on the H200 hosts, whatever the batch's size (bench/host_stages.py),
+# while the device runs ~3,000 tokens per ms. On those hosts fewer batches won over less padding:
+# ner +21 %, re +23 % with the fewest batches against a cost of 2,048 (bench/results/h200-run8).
+BATCH_COST_TOKENS = 16384
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int = 1024,

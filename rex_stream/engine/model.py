@@ -17,21 +17,26 @@ fused Triton kernel, see ``triton_attention``; in bf16/fp16 it also fuses each b
 LayerNorm and cast, see ``triton_norm``) and ``compile_encoder()`` (``torch.compile``). Each
 is self-checked against the SDPA path on its first batch per (device type, dtype) and falls back to
 it, with one logged warning, on any error or mismatch; ``fast_path_status()`` reports what ran.
-The span head and rotary angles always run in fp32.
+
+On the fused fast path (triton attention, bf16/fp16 compute) three more fusions apply, each
+switchable (``set_fusions``; default "head" and "rotary"): "gelu" (intermediate dense + GELU as one GEMM with a
+tanh-GELU epilogue), "head" (ffnq/ffnk as one split-bf16 GEMM with fp32 accumulation: ~2^-16
+relative error per product instead of fp32's 2^-24) and "rotary" (one Triton kernel, ``triton_rotary``).
+Elsewhere the span head runs in fp32 (fp64 for an fp64 model); the rotary angles always run in fp32.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rex_stream.engine import fast_attention, triton_attention, triton_norm
+from rex_stream.engine import fast_attention, triton_attention, triton_norm, triton_rotary
 
 if TYPE_CHECKING:
     from rex_stream.engine.weights import ModelConfig
@@ -46,6 +51,12 @@ log = logging.getLogger(__name__)
 ATTENTION_MODES = ("sdpa", "flex", "triton")
 FUSED_MODES = ("flex", "triton")  # the optional attention paths, self-checked against "sdpa"
 _LOW_DTYPES = (torch.bfloat16, torch.float16)
+FUSIONS = ("gelu", "head", "rotary")  # what the fused fast path may fuse (RexModel.set_fusions)
+# On by default: both change logits by < 1e-3 against their unfused forms. "gelu" is opt-in: its tanh
+# GELU moved the tiny golden model's max logit error against fp32 to 1.41, above plain bf16's 1.39
+# (H200, 2026-11-29, bench/results/h200-run8), for ~5 % of the kernel time on ner.
+DEFAULT_FUSIONS = ("head", "rotary")
+_T = TypeVar("_T")
 
 # Self-check: max |fast - sdpa| over valid tokens' hidden states, relative to max |sdpa|. Measured on
 # CPU: fp32 ~5e-7, bf16 ~5e-3 (two kernels' rounding); a wrong bias index or a missing bias gives ~0.3.
@@ -56,6 +67,38 @@ _WARNED: set[str] = set()
 
 class FastPathMismatch(RuntimeError):
     """A fast path's self-check disagreed with the SDPA path."""
+
+
+def _low_dtype(attention: str, compute_dtype: torch.dtype) -> torch.dtype | None:
+    """The 16-bit dtype of the fused fast path (triton attention in bf16/fp16), else None."""
+    return compute_dtype if attention == "triton" and compute_dtype in _LOW_DTYPES else None
+
+
+def _linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``gelu(linear(x))`` as one GEMM with a bias + GELU epilogue (cuBLASLt on CUDA).
+
+    Saves the separate bandwidth-bound GELU kernel (~200 µs per layer for a 65k-token batch of the
+    base model on an H200). On CUDA the epilogue is the tanh approximation of GELU: max |erf - tanh|
+    = 4.7e-4 (at x = 2.7, where the bf16 rounding of the output is up to 7.8e-3), well inside the
+    fast path's bf16 error; on CPU torch applies the exact (erf) GELU after the GEMM.
+    """
+    out = torch._addmm_activation(linear.bias.to(x.dtype), x.reshape(-1, x.shape[-1]),
+                                  linear.weight.to(x.dtype).t(), use_gelu=True)
+    return out.view(*x.shape[:-1], -1)
+
+
+def _bf16x3(x: torch.Tensor) -> torch.Tensor:
+    """[..., 3, D] bf16 (hi, hi, lo) of fp32 ``x`` [..., D]: hi = bf16(x), lo = bf16(x - hi).
+
+    hi + lo is x to ~2^-17 relative, so the three K-blocks of [x_hi | x_hi | x_lo] against a weight's
+    [w_hi | w_lo | w_hi] sum to x.w up to the dropped x_lo.w_lo term ("bf16x3").
+    """
+    out = torch.empty(*x.shape[:-1], 3, x.shape[-1], dtype=torch.bfloat16, device=x.device)
+    hi, hi_again, lo = out.unbind(-2)
+    hi.copy_(x)
+    hi_again.copy_(hi)
+    torch.sub(x, hi, out=lo)  # exact in fp32, rounded once to bf16
+    return out
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor, token_mask: torch.Tensor) -> float:
@@ -133,11 +176,13 @@ class _Layer(nn.Module):
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         x_low: torch.Tensor | None = None,
         low: torch.dtype | None = None,
+        gelu_epilogue: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's output and, with ``low`` (fused norms), its copy in that dtype.
 
         ``attend(q, k, v, pos_q, pos_k)`` returns the [B, L, H*D] context, dead rows already zero;
-        ``x_low``, if given, is ``x`` already in the matmul dtype (saves autocast's cast).
+        ``x_low``, if given, is ``x`` already in the matmul dtype (saves autocast's cast);
+        ``gelu_epilogue`` computes the intermediate with ``_linear_gelu``.
         """
         inp = x if x_low is None else x_low
         if self.qkv is not None:
@@ -151,7 +196,8 @@ class _Layer(nn.Module):
             v = self._split(proj["value_proj"](inp))
         ctx = attend(q, k, v, pos_q, pos_k)
         attn, attn_low = self.attention["output"](ctx, x, low)
-        inter = F.gelu(self.intermediate["dense"](attn if attn_low is None else attn_low))
+        inter_in, dense = attn if attn_low is None else attn_low, self.intermediate["dense"]
+        inter = _linear_gelu(inter_in, dense) if gelu_epilogue else F.gelu(dense(inter_in))
         return self.output(inter, attn, low)
 
 
@@ -247,8 +293,9 @@ class RexModel(nn.Module):
     The relative-position projections are cached per (device, compute dtype) on first use;
     ``prepare()`` fills the cache eagerly. After ``store_matmul_weights`` with a 16-bit dtype each
     layer also holds its fused QKV weight (``_Layer.qkv``), rebuilt from the three projections on the
-    next forward after a clear. The caches are cleared on ``.to()``/``.half()``/... and on
-    ``load_state_dict``; call ``clear_cache()`` after editing weights in place.
+    next forward after a clear; the split-bf16 head weight of the "head" fusion is built on its first
+    use. The caches are cleared on ``.to()``/``.half()``/... and on ``load_state_dict``; call
+    ``clear_cache()`` after editing weights in place.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -273,6 +320,9 @@ class RexModel(nn.Module):
         self._compile_errors: dict[str, str] = {}  # attention mode -> why its compiled encoder failed
         self._compile_options: tuple[Any, ...] = ()
         self._checks: dict[tuple[str, ...], float] = {}
+        self.fusions: frozenset[str] = frozenset(DEFAULT_FUSIONS)  # see set_fusions
+        self._fusion_errors: dict[str, str] = {}  # fusion -> why it was switched off
+        self._head_split: torch.Tensor | None = None  # [W_hi | W_lo | W_hi] of W = [ffnq; ffnk] (bf16)
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> RexModel:
@@ -284,6 +334,7 @@ class RexModel(nn.Module):
         for layer in self.plm.encoder.layer:
             layer.qkv = None
         self._qkv_fresh = False
+        self._head_split = None
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], *args: Any, **kwargs: Any) -> RexModel:
         # Every .to()/.cuda()/.half() goes through here: cached tables would be on the old device/dtype.
@@ -357,7 +408,10 @@ class RexModel(nn.Module):
         -1) are given, and the fused (flex, triton) paths ignore it whenever they are given.
         """
         hidden = self.encode(input_ids, position_ids, attention_mask, token_mask, group=group, slot=slot)
-        return self.link_logits(hidden, position_ids)
+        # self.attention is still "triton" only if the triton path ran (a failure falls back to sdpa).
+        fused = (group is not None and slot is not None
+                 and _low_dtype(self.attention, self._compute_dtype(input_ids.device)) is not None)
+        return self.link_logits(hidden, position_ids, fused=fused)
 
     # ------------------------------------------------------------------ fast-path selection
 
@@ -394,6 +448,21 @@ class RexModel(nn.Module):
         if reason is not None:
             self._fused_failed(reason)
         return self.attention
+
+    def set_fusions(self, names: Iterable[str] = DEFAULT_FUSIONS) -> frozenset[str]:
+        """Choose the fusions of the fused fast path (triton attention, bf16/fp16); default head and rotary.
+
+        "gelu": intermediate dense + GELU in one GEMM (``_linear_gelu``); "head": ffnq/ffnk as one
+        split-bf16 GEMM (``_split_bf16_head``); "rotary": the Triton rotary kernel (``triton_rotary``).
+        They never apply to other paths, so the exact default path is the same whatever is chosen.
+        A head or rotary fusion that fails is switched off with one warning; this call clears that.
+        """
+        chosen = frozenset(names)
+        if unknown := chosen - set(FUSIONS):
+            raise ValueError(f"unknown fusions {sorted(unknown)}; choose from {FUSIONS}")
+        self.fusions = chosen
+        self._fusion_errors = {}
+        return chosen
 
     @property
     def attention(self) -> str:
@@ -440,6 +509,8 @@ class RexModel(nn.Module):
             "compiled_encoder": self._compiled is not None,
             "compile_errors": dict(self._compile_errors),
             "self_checks": {"/".join(map(str, key)): err for key, err in self._checks.items()},
+            "fusions": sorted(self.fusions - self._fusion_errors.keys()),
+            "fusion_errors": dict(self._fusion_errors),
         }
 
     def _warn_once(self, message: str) -> None:
@@ -501,11 +572,7 @@ class RexModel(nn.Module):
         if attention_mask is None and (group is None or slot is None):
             raise ValueError("pass attention_mask, or both group and slot")
         device = input_ids.device
-        compute_dtype = (
-            torch.get_autocast_dtype(device.type)
-            if torch.is_autocast_enabled(device.type)
-            else self.ffnq.weight.dtype
-        )
+        compute_dtype = self._compute_dtype(device)
         self._fuse_qkv()  # no-op unless the fused QKV weights were wanted and cleared since
         args = (input_ids, position_ids, attention_mask, token_mask, group, slot,
                 self._relative_tables(device, compute_dtype))
@@ -521,6 +588,12 @@ class RexModel(nn.Module):
                 else:
                     self._fused_failed(exc)
         return self._run(args, "sdpa", compute_dtype)
+
+    def _compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The encoder's matmul dtype: autocast's if it is on, else the weights'."""
+        if torch.is_autocast_enabled(device.type):
+            return torch.get_autocast_dtype(device.type)
+        return self.ffnq.weight.dtype
 
     def _encode_core(
         self,
@@ -573,23 +646,72 @@ class RexModel(nn.Module):
         x = emb["LayerNorm"](emb["word_embeddings"](input_ids)) * token_mask.unsqueeze(-1)
         embedded = x
         # The triton path in 16-bit also fuses each block's residual add, LayerNorm and cast (triton_norm).
-        low = tables[0][0].dtype if attention == "triton" and tables[0][0].dtype in _LOW_DTYPES else None
+        low = _low_dtype(attention, tables[0][0].dtype)
+        gelu_epilogue = low is not None and "gelu" in self.fusions
         x_low = None
         for i, layer in enumerate(self.plm.encoder.layer):
             pos_q, pos_k = tables[i]
-            x, x_low = layer(x, pos_q[:, lo:hi], pos_k[:, lo:hi], attend, x_low, low)
+            x, x_low = layer(x, pos_q[:, lo:hi], pos_k[:, lo:hi], attend, x_low, low, gelu_epilogue)
             if i == 0:
                 x, x_low = self._conv(embedded, x, col_alive), None
         return x
 
-    def link_logits(self, hidden: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        """Span head in at least fp32 whatever the autocast state: links are signs of large dot products."""
+    def link_logits(self, hidden: torch.Tensor, position_ids: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """Span head in at least fp32 whatever the autocast state: links are signs of large dot products.
+
+        ``fused`` (the encoder ran the fused fast path) lets the "head" and "rotary" fusions apply to an
+        fp32 head; the product q.k^T and the rotary angles stay fp32 either way.
+        """
         dtype = torch.promote_types(self.ffnq.weight.dtype, torch.float32)
+        fusions = self.fusions - self._fusion_errors.keys() if fused and dtype == torch.float32 else frozenset()
         with torch.autocast(hidden.device.type, enabled=False):
-            h = hidden.to(dtype)
-            q = self.rotary_emb(F.linear(h, self.ffnq.weight.to(dtype), self.ffnq.bias.to(dtype)), position_ids)
-            k = self.rotary_emb(F.linear(h, self.ffnk.weight.to(dtype), self.ffnk.bias.to(dtype)), position_ids)
+            parts = self._project(hidden.to(dtype), "head" in fusions)
+            rotated = None
+            if "rotary" in fusions:
+                rotated = self._guarded("rotary", lambda: [
+                    triton_rotary.rotate_pairs(x, position_ids, self.rotary_emb.freqs, bias) for x, bias in parts])
+            q, k = rotated or [self.rotary_emb(x if bias is None else x + bias, position_ids) for x, bias in parts]
             return q @ k.transpose(-1, -2)
+
+    def _project(self, h: torch.Tensor, split: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """q and k before the rotary, each with its bias still to add (None: already added)."""
+        y = self._guarded("head", lambda: self._split_bf16_head(h)) if split else None
+        if y is None:
+            return [(F.linear(h, lin.weight.to(h.dtype), lin.bias.to(h.dtype)), None) for lin in (self.ffnq, self.ffnk)]
+        return list(zip(y.chunk(2, dim=-1), (self.ffnq.bias, self.ffnk.bias)))
+
+    def _split_bf16_head(self, h: torch.Tensor) -> torch.Tensor:
+        """``h @ [ffnq; ffnk].weight^T`` (no bias) for fp32 ``h``, as one bf16 GEMM: [..., 2 * hidden] fp32.
+
+        The fp32 GEMMs ran on the SIMT fp32 kernel (3.2 ms per 65k-token batch of the base model on an
+        H200); [h_hi | h_hi | h_lo] @ [W_hi | W_lo | W_hi]^T (``_bf16x3``, K = 3 * hidden) runs on tensor
+        cores with fp32 accumulation and output. It drops only h_lo.W_lo, so each product is off by
+        ~2^-16 relative instead of fp32's 2^-24, far below the bf16/fp16 encoder's own error. Needs
+        ``torch.mm(..., out_dtype=)`` on CUDA (a torch without it raises: the fp32 head then runs, see
+        ``_guarded``); on CPU (tests) the same product of the same bf16 values runs in fp32.
+        """
+        if self._head_split is None:
+            with torch.no_grad():
+                weight = torch.cat([self.ffnq.weight, self.ffnk.weight]).float()
+                self._head_split = _bf16x3(weight)[:, (0, 2, 1)].flatten(1)  # (hi, lo, hi)
+        a = _bf16x3(h).view(-1, 3 * h.shape[-1])
+        if a.device.type == "cuda":
+            y = torch.mm(a, self._head_split.t(), out_dtype=torch.float32)
+        else:
+            y = torch.mm(a.float(), self._head_split.float().t())
+        return y.view(*h.shape[:-1], -1)
+
+    def _guarded(self, fusion: str, run: Callable[[], _T]) -> _T | None:
+        """``run()``; None if it raised, which also switches ``fusion`` off (one warning; OOM propagates)."""
+        try:
+            return run()
+        except torch.OutOfMemoryError:
+            raise  # the engine splits the batch
+        except Exception as exc:  # noqa: BLE001 - e.g. no mm(out_dtype=) in this torch, a Triton compile error
+            reason = f"{type(exc).__name__}: {str(exc)[:2000]}"
+            self._fusion_errors[fusion] = reason
+            self._warn_once(f"{fusion} fusion disabled, running it unfused: {reason}")
+            return None
 
     def _conv(self, embedded: torch.Tensor, layer0: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Mix the kernel-3 conv of the embeddings into layer 0's output (DeBERTa-v2 ConvLayer)."""
