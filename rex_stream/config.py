@@ -83,7 +83,7 @@ class ModelSettings(BaseModel):
     cache_dir: str | None = None
     device: str = "cuda"
     dtype: Literal["fp32", "bf16", "fp16"] = "bf16"
-    engine_batch_tokens: int = 65_536
+    engine_batch_tokens: int = 131_072
     attention: Literal["auto", "sdpa", "flex", "triton"] = Field(
         "auto", description="auto: triton for bf16/fp16 on CUDA, else sdpa; flex / triton: fused GPU kernels, "
                             "self-checked vs sdpa")

@@ -22,7 +22,7 @@ from pathlib import Path
 import orjson
 import torch
 
-from ..config import BatchSettings, LimitSettings
+from ..config import BatchSettings, LimitSettings, ModelSettings
 from ..engine.engine import Engine
 from ..engine.server import EngineServer
 from ..stream.batcher import Accumulator, BatchPolicy, estimate_tokens
@@ -94,7 +94,7 @@ def main() -> int:
     p.add_argument("--dtype", default="bf16")
     p.add_argument("--batch-messages", type=int, default=BatchSettings().max_messages)
     p.add_argument("--in-flight", type=int, default=BatchSettings().max_in_flight)
-    p.add_argument("--batch-tokens", type=int, default=65536)
+    p.add_argument("--batch-tokens", type=int, default=ModelSettings().engine_batch_tokens)
     p.add_argument("--attention", default="auto", help="engine attention path (auto, sdpa, flex, triton)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
