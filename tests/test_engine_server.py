@@ -94,3 +94,35 @@ def test_a_pipeline_failure_costs_only_its_culprit(engine: Engine, golden_cases:
         assert [o.output for o in later] == [c["output"] for c in cases[:3]]
     finally:
         server.close(timeout=60)
+
+
+class _Trickle:
+    """A source that hands out one request per admission round, as a slow producer would."""
+
+    def __init__(self, requests: list, live: bool) -> None:
+        self.items = list(enumerate(requests))
+        self.live = live
+        self.gave = False
+
+    def take(self):
+        if self.gave or not self.items:
+            self.gave = False  # the next admission round gets the next one
+            return None
+        self.gave = True
+        return self.items.pop(0)
+
+    def wait(self) -> bool:
+        return bool(self.items)
+
+
+def test_live_source_plans_fuller_batches(tiny_model: Path, golden_cases: list[dict]):
+    """From a live queue, arrivals are not planned as a batch of their own while others are in flight."""
+    cases = [c for c in golden_cases if c["text"]][:24]
+    batches = {}
+    for live in (False, True):
+        engine = Engine(tiny_model, batch_tokens=65536, limits=LIMITS)
+        outcomes = {}
+        engine.serve(_Trickle(_requests(cases), live), outcomes.__setitem__)
+        assert [outcomes[i].output for i in range(len(cases))] == [c["output"] for c in cases]
+        batches[live] = engine.stats.batches
+    assert batches[True] < batches[False]

@@ -80,6 +80,10 @@ class EngineServer:
 
     # ------------------------------------------------------------------ the engine's source
 
+    @property
+    def live(self) -> bool:
+        return not self._closed
+
     def take(self) -> tuple[Hashable, Request] | None:
         with self._ready:
             if not self._waiting:

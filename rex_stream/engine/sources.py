@@ -11,6 +11,8 @@ from .requests import Request
 class Source(Protocol):
     """Requests for `Engine.serve`, each under a key its `finish` callback gets back."""
 
+    live: bool  # more requests may still arrive while the engine runs (callers feed a queue)
+
     def take(self) -> tuple[Hashable, Request] | None:
         """The next waiting request, or None if none waits now (never blocks)."""
 
@@ -20,6 +22,8 @@ class Source(Protocol):
 
 class ListSource:
     """The requests of one `run_requests` call, keyed by their index."""
+
+    live = False
 
     def __init__(self, requests: Sequence[Request]) -> None:
         self._items = iter(enumerate(requests))
