@@ -380,9 +380,9 @@ def test_model_plumbing_with_reference_kernel(model, tiny_model: Path, monkeypat
     """The model's triton route (lengths, offset, [B, L, H*D] output) with the dense reference as kernel."""
     calls = []
 
-    def kernel(*args: Any) -> torch.Tensor:
+    def kernel(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(args)
-        return triton_attention.reference_attention(*args)
+        return triton_attention.reference_attention(*args, **kwargs)
 
     monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
     monkeypatch.setattr(triton_attention, "disentangled_attention", kernel)
@@ -419,7 +419,7 @@ def test_kernel_error_falls_back_once(model, tiny_model: Path, monkeypatch, capl
 def test_self_check_mismatch_falls_back(model, tiny_model: Path, monkeypatch) -> None:
     monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
     monkeypatch.setattr(triton_attention, "disentangled_attention",
-                        lambda *a: triton_attention.reference_attention(*a) * 1.5)
+                        lambda *a, **k: triton_attention.reference_attention(*a, **k) * 1.5)
     t = _batch()
     ref = _forward(model, t)
     model.set_attention("triton")

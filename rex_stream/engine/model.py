@@ -234,16 +234,20 @@ def _flex_attend(
 
 
 def _triton_attend(
-    pos: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, offset: int, scale: float
+    pos: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, offset: int, scale: float,
+    reach: int,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The fused Triton kernel: bias gathered in-kernel, isolation from group/slot, output [B, L, H*D]."""
+    """The fused Triton kernel: bias gathered in-kernel, isolation from group/slot, output [B, L, H*D].
+
+    The position tables it gets may hold rows beyond the ``reach`` reachable ones (see ``_encode_core``).
+    """
     # Keys beyond a row's last valid token are never visited (rows with nothing allowed come out 0).
     index = torch.arange(1, valid.shape[1] + 1, device=valid.device, dtype=torch.int32)
     lengths = torch.where(valid, index, 0).amax(-1) if valid.numel() else index.new_zeros(valid.shape[0])
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
         return triton_attention.disentangled_attention(q, k, v, pos_q, pos_k, pos, group, slot, valid, lengths,
-                                                       offset, scale)
+                                                       offset, scale, reach=reach)
 
     return attend
 
@@ -388,7 +392,9 @@ class RexModel(nn.Module):
             with torch.no_grad(), torch.autocast(device.type, enabled=False):
                 rel = enc.LayerNorm(enc.rel_embeddings.weight)
                 tables = [layer.project_relative(rel, self._scale) for layer in enc.layer]
-            self._rel_cache[key] = [(q.to(dtype), k.to(dtype)) for q, k in tables]
+            # TABLE_ALIGN spare zero rows at the end: the triton path slices whole aligned row counts.
+            spare = (0, 0, 0, triton_attention.TABLE_ALIGN)
+            self._rel_cache[key] = [(F.pad(q, spare).to(dtype), F.pad(k, spare).to(dtype)) for q, k in tables]
         return self._rel_cache[key]
 
     def forward(
@@ -611,13 +617,18 @@ class RexModel(nn.Module):
         # Relative distance d_ij = clamp(pos_i - pos_j + S, 0, 2S-1), shifted to the reachable rows.
         span = self.cfg.position_buckets
         lo, hi = max(0, span - length + 1), min(2 * span, span + length)
+        width = hi - lo  # table rows handed to the attention
 
         if attention in FUSED_MODES and group is not None and slot is not None:
             # Every valid token may attend itself, so live rows/columns are exactly the valid tokens.
             valid = token_mask.bool()
             col_alive = valid.unsqueeze(-1)
             if attention == "triton":
-                attend = _triton_attend(position_ids, group, slot, valid, span - lo, self._scale)
+                attend = _triton_attend(position_ids, group, slot, valid, span - lo, self._scale, hi - lo)
+                # Slice the tables to a whole number of TABLE_ALIGN rows (their spare zero rows keep
+                # that in range): the kernel reads only the reachable ones, and no padded copy is made
+                # per layer and forward.
+                width = triton_attention.aligned_rows(hi - lo)
             else:
                 block_mask = fast_attention.layout_block_mask(group, slot, valid)
                 attend = _flex_attend(position_ids, span - lo, block_mask, valid[:, None, :, None],
@@ -651,7 +662,7 @@ class RexModel(nn.Module):
         x_low = None
         for i, layer in enumerate(self.plm.encoder.layer):
             pos_q, pos_k = tables[i]
-            x, x_low = layer(x, pos_q[:, lo:hi], pos_k[:, lo:hi], attend, x_low, low, gelu_epilogue)
+            x, x_low = layer(x, pos_q[:, lo:lo + width], pos_k[:, lo:lo + width], attend, x_low, low, gelu_epilogue)
             if i == 0:
                 x, x_low = self._conv(embedded, x, col_alive), None
         return x

@@ -64,7 +64,12 @@ DO_NOT_SPECIALIZE = ("B", "H", "L", "R", "RS", "offset")
 # Row width of the position tables is padded to a multiple of this: the table GEMM's output rows
 # (R = 2L-1 values, odd) would otherwise be misaligned, and cuBLAS then falls back to an old sm75
 # kernel (~11% of the engine's GPU time on ner, H100 profile of run 3b).
-_TABLE_ALIGN = 8
+TABLE_ALIGN = 8
+
+
+def aligned_rows(rows: int) -> int:
+    """``rows`` rounded up to a multiple of ``TABLE_ALIGN``."""
+    return rows + (-rows % TABLE_ALIGN)
 
 
 def triton_unavailable_reason(device: torch.device | str) -> str | None:
@@ -249,8 +254,8 @@ if triton is not None:
 
 
 def _aligned(pos: torch.Tensor) -> torch.Tensor:
-    """``pos`` [H, R, D] with zero rows appended up to a multiple of ``_TABLE_ALIGN`` (a tiny copy)."""
-    extra = -pos.shape[-2] % _TABLE_ALIGN
+    """``pos`` [H, R, D] with zero rows appended up to a multiple of ``TABLE_ALIGN`` (a tiny copy)."""
+    extra = -pos.shape[-2] % TABLE_ALIGN
     return torch.nn.functional.pad(pos, (0, 0, 0, extra)) if extra else pos
 
 
@@ -270,19 +275,22 @@ def disentangled_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
     position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
     lengths: torch.Tensor, offset: int, scale: float, *, config: dict[str, Any] | None = None,
+    reach: int | None = None,
 ) -> torch.Tensor:
     """Attention context [B, L, H*D] (q's dtype) of the disentangled attention, fused.
 
     q, k, v: [B, H, L, D] (any strides); pos_q, pos_k: [H, R, D] reachable rows of the pre-scaled
     relative projections; position_ids, group, slot: [B, L] int64 (-1: none); valid: [B, L] bool;
     lengths: [B] int, at least last valid index + 1 per row; ``offset = S - lo``. ``config``
-    overrides the tile configuration of ``KERNEL_CONFIGS``.
+    overrides the tile configuration of ``KERNEL_CONFIGS``. ``reach``: how many of the tables' rows
+    are reachable (default: all). Tables whose row count is already a multiple of ``TABLE_ALIGN``
+    (the model's cached tables carry spare rows for this) are used without a padded copy.
     """
     reason = triton_unavailable_reason(q.device)
     if reason is not None:
         raise RuntimeError(reason)
     batch, heads, length, dim = q.shape
-    reach = pos_k.shape[-2]
+    reach = pos_k.shape[-2] if reach is None else reach
     c2p, p2c = _table(q, _aligned(pos_k)), _table(k, _aligned(pos_q))
     tensors = (q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths)
     if torch.compiler.is_compiling():
@@ -295,12 +303,13 @@ def disentangled_attention(
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
     position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
-    lengths: torch.Tensor, offset: int, scale: float,
+    lengths: torch.Tensor, offset: int, scale: float, *, reach: int | None = None,
 ) -> torch.Tensor:
     """Dense torch version of ``disentangled_attention`` (tests only; ``lengths`` only skips work there)."""
     batch, heads, length, dim = q.shape
     rel = position_ids[:, :, None] - position_ids[:, None, :] + offset
-    index = rel.clamp(0, pos_k.shape[-2] - 1)[:, None].expand(batch, heads, length, length)
+    last = (pos_k.shape[-2] if reach is None else reach) - 1
+    index = rel.clamp(0, last)[:, None].expand(batch, heads, length, length)
     c2p = torch.gather(q @ pos_k.mT, -1, index)
     p2c = torch.gather(k @ pos_q.mT, -1, index.mT).mT
     scores = (scale * (q @ k.mT) + c2p + p2c).float()
