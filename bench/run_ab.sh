@@ -10,31 +10,13 @@
 set -uo pipefail
 res=$1
 py=${PYTHON:-python3}
-shared=${REX_SHARED:-../shared}
 base=${REX_BENCH_BASE:-/tmp/rex-random-base}
 export PYTHONUNBUFFERED=1
-mkdir -p "$res"
-[[ -f $base/config.json ]] || $py -m rex_stream.cli model random --out "$base" --size base --seed 0 \
-    --vocab "$shared/rex/tiny-random/vocab.txt" >/dev/null
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$res/gpu.txt"
-$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$res/gpu.txt"
+bash bench/device_prologue.sh "$res"
 
 timeout 130 $py bench/fusion_ab.py "$base" 20000 2>&1 | tee "$res/fusion_ab.jsonl" | cut -c1-300
 timeout 160 $py bench/scheduler_ab.py "$base" 20000 2>&1 | tee "$res/scheduler_ab.jsonl" | cut -c1-300
-$py - "$shared" "$res/mix_cases.jsonl" <<'PY'
-import json, sys
-from rex_stream.bench.workloads import load_workload
-with open(sys.argv[2], "w") as f:
-    for i, (t, s) in enumerate(load_workload("mix", sys.argv[1], 700)):
-        f.write(json.dumps({"id": str(i), "text": t, "schema": s}, ensure_ascii=False) + "\n")
-PY
-for spec in "tiny:$shared/rex/golden/public.jsonl:$shared/rex/tiny-random" "base:$res/mix_cases.jsonl:$base"; do
-    IFS=: read -r name cases model <<<"$spec"
-    timeout 80 $py -m rex_stream.bench.precision --model "$model" --cases "$cases" --device cuda --dtype bf16 \
-        --attention triton --out "$res/precision-$name-bf16-triton.json" \
-        | grep -E '"(attention|logit_max_abs_error|identical_share|flip_max_abs_fp32_logit|flips_within_error)"'
-done
-rm -f "$res/mix_cases.jsonl"  # dev-set texts: not for the repository
+bash bench/precision_pair.sh "$res" "$base" triton
 timeout 100 $py -m rex_stream.bench.worker_path --model "$base" --workload ner --messages 20000 --device cuda \
     --attention triton --out "$res/worker-path-ner.json" | grep -E "msgs_s|ratio|in_flight"
 timeout 45 $py bench/profile_engine.py "$base" ner triton 8192 > "$res/profile-ner-triton.txt" 2>&1

@@ -9,35 +9,17 @@
 set -uo pipefail
 res=$1
 py=${PYTHON:-python3}
-shared=${REX_SHARED:-../shared}
 base=${REX_BENCH_BASE:-/tmp/rex-random-base}
 attention=${REX_BENCH_ATTENTION:-triton}
 export PYTHONUNBUFFERED=1
-mkdir -p "$res"
-[[ -f $base/config.json ]] || $py -m rex_stream.cli model random --out "$base" --size base --seed 0 \
-    --vocab "$shared/rex/tiny-random/vocab.txt" >/dev/null
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$res/gpu.txt"
-$py -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$res/gpu.txt"
-(lscpu | grep -E "^Model name"; echo "cpus $(nproc)") | tee -a "$res/gpu.txt"
+bash bench/device_prologue.sh "$res"
 
 timeout ${REX_T_BENCH:-360} $py -m rex_stream.cli bench --workload ner,re,mix \
     --messages "${REX_BENCH_MESSAGES:-20000,20000,4000}" --model "$base" --device cuda --budgets "${REX_BENCH_BUDGETS:-65536}" \
     --baseline-a-messages 60 --agreement-messages 300 --warmup-messages ${REX_BENCH_WARMUP:-2048} --engine-kwargs "{\"attention\": \"$attention\"${REX_BENCH_ADMIT:+, \"admit_batches\": $REX_BENCH_ADMIT}}" \
     --out "$res" 2>&1 | grep -vE "^\s*$" | grep -E "^\[bench|engine best|^\(" | tail -30
 
-$py - "$shared" "$res/mix_cases.jsonl" <<'PY'
-import json, sys
-from rex_stream.bench.workloads import load_workload
-with open(sys.argv[2], "w") as f:
-    for i, (t, s) in enumerate(load_workload("mix", sys.argv[1], 700)):
-        f.write(json.dumps({"id": str(i), "text": t, "schema": s}, ensure_ascii=False) + "\n")
-PY
-for spec in "tiny:$shared/rex/golden/public.jsonl:$shared/rex/tiny-random" "base:$res/mix_cases.jsonl:$base"; do
-    IFS=: read -r name cases model <<<"$spec"
-    timeout 90 $py -m rex_stream.bench.precision --model "$model" --cases "$cases" --device cuda --dtype bf16 \
-        --attention "$attention" --out "$res/precision-$name-bf16-$attention.json" \
-        | grep -E '"(attention|logit_max_abs_error|identical_share|flip_max_abs_fp32_logit|flips_within_error)"'
-done
+bash bench/precision_pair.sh "$res" "$base" "$attention"
 timeout 75 $py -m rex_stream.bench.worker_path --model "$base" --workload ner --messages 20000 --device cuda \
     --attention "$attention" --out "$res/worker-path-ner.json" | grep -E "msgs_s|ratio"
 timeout 45 $py bench/profile_engine.py "$base" ner "$attention" 8192 > "$res/profile-ner-$attention.txt" 2>&1
