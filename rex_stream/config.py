@@ -88,6 +88,10 @@ class ModelSettings(BaseModel):
         "auto", description="auto: triton for bf16/fp16 on CUDA, else sdpa; flex / triton: fused GPU kernels, "
                             "self-checked vs sdpa")
     compile: bool = Field(False, description="torch.compile the encoder (self-checked, falls back to eager)")
+    fusions: list[Literal["gelu", "head", "rotary"]] = Field(
+        default_factory=lambda: ["head", "rotary"],
+        description="fused fast path (triton, bf16/fp16) only: split-bf16 span head, Triton rotary, and the "
+                    "opt-in tanh-GELU GEMM epilogue")
     default_schema: dict[str, Any] | None = Field(None, description="used for plain-text messages")
 
 

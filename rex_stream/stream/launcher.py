@@ -96,7 +96,7 @@ def run_worker(settings: Settings, log: Any) -> int:
     engine = Engine(settings.model.name, device=settings.model.device, dtype=settings.model.dtype,
                     batch_tokens=settings.model.engine_batch_tokens, limits=settings.limits.engine_limits(),
                     cache_dir=settings.model.cache_dir, attention=settings.model.attention,
-                    compile_encoder=settings.model.compile)
+                    compile_encoder=settings.model.compile, fusions=frozenset(settings.model.fusions))
     worker = Worker(settings, engine, worker_id, metrics=metrics, health=health)
     worker.install_signal_handlers()
     try:
