@@ -10,11 +10,11 @@ no-fusion variant.
 """
 import json
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from rex_stream.bench.worker_path import run_engine
 from rex_stream.bench.workloads import load_workload
 from rex_stream.engine.engine import Engine
 from rex_stream.engine.recursion import solve
@@ -35,13 +35,7 @@ for names in VARIANTS:
     net.set_fusions(names)
     logits = engine.runner.logits(batch)
     reference = logits if reference is None else reference
-    rates = []
-    for _ in range(2):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.infer(items)
-        torch.cuda.synchronize()
-        rates.append(round(len(items) / (time.perf_counter() - start), 1))
+    rates = [round(run_engine(engine, items, len(items)), 1) for _ in range(2)]
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         engine.infer(items[:4096])
         torch.cuda.synchronize()

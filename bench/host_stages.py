@@ -11,8 +11,8 @@ import sys
 import time
 from collections import defaultdict
 
-import torch
 
+from rex_stream.bench.worker_path import run_engine
 from rex_stream.bench.workloads import load_workload
 from rex_stream.engine.engine import Engine
 
@@ -46,11 +46,7 @@ for cost in (engine.batch_cost, 10**9):
     engine.infer(items[:4096])
     spent.clear()
     engine.stats.__init__()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    engine.infer(items)
-    torch.cuda.synchronize()
-    wall = time.perf_counter() - start
-    print(json.dumps({"batch_cost": cost, "messages": len(items), "wall_s": round(wall, 3),
-                      "msgs_s": round(len(items) / wall, 1), "batches": engine.stats.batches,
+    rate = run_engine(engine, items, len(items))
+    print(json.dumps({"batch_cost": cost, "messages": len(items), "wall_s": round(len(items) / rate, 3),
+                      "msgs_s": round(rate, 1), "batches": engine.stats.batches,
                       "stages_s": {k: round(v, 3) for k, v in spent.items()}}))

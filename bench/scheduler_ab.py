@@ -9,10 +9,9 @@ prints one JSON line per run: messages/s, padding share and batches.
 import json
 import os
 import sys
-import time
 
-import torch
 
+from rex_stream.bench.worker_path import run_engine
 from rex_stream.bench.workloads import load_workload
 from rex_stream.engine.engine import Engine
 
@@ -29,12 +28,8 @@ for workload in ("ner", "re", "mix"):
         for name, value in variant.items():
             setattr(engine, name, value)
         engine.stats.__init__()
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.infer(items)
-        torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
+        rate = run_engine(engine, items, len(items))
         st = engine.stats
         print(json.dumps({"workload": workload, **{k: str(v) for k, v in variant.items()}, "messages": len(items),
-                          "msgs_s": round(len(items) / seconds, 1),
+                          "msgs_s": round(rate, 1),
                           "padding": round(1 - st.real_tokens / st.padded_tokens, 4), "batches": st.batches}))

@@ -255,7 +255,7 @@ if triton is not None:
 
 def _aligned(pos: torch.Tensor) -> torch.Tensor:
     """``pos`` [H, R, D] with zero rows appended up to a multiple of ``TABLE_ALIGN`` (a tiny copy)."""
-    extra = -pos.shape[-2] % TABLE_ALIGN
+    extra = aligned_rows(pos.shape[-2]) - pos.shape[-2]
     return torch.nn.functional.pad(pos, (0, 0, 0, extra)) if extra else pos
 
 
