@@ -7,7 +7,8 @@ over the host's cores while their batches share the card — the same layout as
 
 `python -m rex_stream.bench.multiproc --model DIR --workload ner --procs 1,2,4,8`
 All processes load the model, warm up, then start together at a barrier; the rate is all
-messages over the slowest process's time.
+messages over the slowest process's time. With `--device-server` the processes do the host work
+only and one device process (`engine.device_server`) runs every batch on the one GPU.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from .report import write_json
 
 
-def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: Any) -> None:
+def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: Any, link: Any) -> None:
     import torch
 
     from ..engine.engine import Engine
@@ -33,7 +34,7 @@ def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: A
     items = load_workload(args["workload"], args["shared"], args["messages"])[rank::procs]
     device = f"cuda:{rank % args['gpus']}" if args["device"] == "cuda" else args["device"]
     engine = Engine(args["model"], device=device, dtype=args["dtype"], batch_tokens=args["batch_tokens"],
-                    attention=args["attention"])
+                    attention=args["attention"], device_link=link)
     engine.infer(items[:128])
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
@@ -45,18 +46,28 @@ def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: A
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     results.put((rank, len(items), time.perf_counter() - start, engine.stats.forwards))
+    if link is not None:
+        engine.runner.close()
 
 
 def measure(procs: int, args: dict[str, Any]) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs)
     results = ctx.Queue()
-    children = [ctx.Process(target=_child, args=(r, procs, args, barrier, results)) for r in range(procs)]
+    server, links = None, [None] * procs
+    if args["device_server"]:
+        from ..engine.device_server import start_device_server
+
+        server, links, _ = start_device_server(procs, model=args["model"], device=args["device"], dtype=args["dtype"],
+                                               attention=args["attention"])
+    children = [ctx.Process(target=_child, args=(r, procs, args, barrier, results, links[r])) for r in range(procs)]
     for c in children:
         c.start()
     got = [results.get(timeout=1800) for _ in children]
     for c in children:
         c.join()
+    if server is not None:
+        server.join(timeout=60)
     messages = sum(g[1] for g in got)
     slowest = max(g[2] for g in got)
     return {"procs": procs, "messages": messages, "seconds": slowest, "msgs_s": messages / slowest,
@@ -75,11 +86,15 @@ def main() -> int:
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--attention", default="auto", help="engine attention path (auto, sdpa, flex, triton)")
     p.add_argument("--chunk", type=int, default=2048, help="messages per engine.infer call")
+    p.add_argument("--device-server", action="store_true",
+                   help="one process owns the GPU; the --procs processes only do the host work")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
+    if a.device_server and a.gpus > 1:
+        p.error("--device-server runs one device process: use it with --gpus 1")
     args = {"model": a.model, "workload": a.workload, "messages": a.messages, "device": a.device, "dtype": a.dtype,
             "batch_tokens": a.batch_tokens, "chunk": a.chunk, "gpus": a.gpus, "attention": a.attention,
-            "shared": os.environ.get("REX_SHARED", "../shared")}
+            "device_server": a.device_server, "shared": os.environ.get("REX_SHARED", "../shared")}
     rows = [measure(int(n), args) for n in a.procs.split(",")]
     base = rows[0]["msgs_s"]
     for row in rows:
@@ -87,7 +102,8 @@ def main() -> int:
         print(f"{row['procs']:>3} processes: {row['msgs_s']:9.1f} msg/s ({row['speedup_vs_first']:.2f}x)", flush=True)
     import torch
 
-    result = {"workload": a.workload, "gpus": a.gpus, "dtype": a.dtype, "attention": a.attention, "rows": rows,
+    result = {"workload": a.workload, "gpus": a.gpus, "device_server": a.device_server, "dtype": a.dtype,
+              "attention": a.attention, "rows": rows,
               "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
               "cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d", time.gmtime())}
     if a.out:

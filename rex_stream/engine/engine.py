@@ -17,6 +17,7 @@ import math
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +25,13 @@ import torch
 
 from .batching import BATCH_COST_TOKENS, plan_batches
 from .decode import Links
+from .device_server import RemoteRunner
 from .recursion import Forward, Solver, solve
 from .requests import Limits, Request, RequestError, validate
 from .runner import DTYPES, ForwardRunner, Launched
 from .sources import ListSource, Source
 from .tokenizer import RexTokenizer
-from .weights import load_model, resolve_model_dir
+from .weights import ModelConfig, load_model, resolve_model_dir
 
 # A queued forward: (request key, index among the request's current forwards, the forward).
 _Item = tuple[Hashable, int, Forward]
@@ -89,23 +91,33 @@ class Engine:
     def __init__(self, model: str | Path, device: str = "cpu", dtype: str = "fp32", batch_tokens: int = 16384,
                  max_batch: int = 4096, limits: Limits = Limits(), cache_dir: str | None = None,
                  cls_score: str = "logit", attention: str = "auto", compile_encoder: bool = False,
-                 admit_batches: float | None = None, fusions: frozenset[str] | None = None) -> None:
+                 admit_batches: float | None = None, fusions: frozenset[str] | None = None,
+                 device_link: Connection | None = None) -> None:
+        """`device_link`: the model runs in a `device_server` process reached through this connection
+        (its settings are the server's; `device`, `dtype`, `cls_score`, `attention`, `fusions` and
+        `compile_encoder` are then not used here): this process does the host work only."""
         self.model_dir = resolve_model_dir(str(model), cache_dir)
-        self.device = torch.device(device)
-        if self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32: exact reference answers
-            torch.backends.cudnn.allow_tf32 = False
         self.tokenizer = RexTokenizer(self.model_dir)
-        net, self.config = load_model(self.model_dir, device=str(self.device))
-        # Falls back to the exact SDPA path if the fused one fails its self-check.
-        net.set_attention(resolve_attention(attention, self.device, dtype))
-        if fusions is not None:
-            net.set_fusions(fusions)  # the fused fast path's fusions (RexModel.set_fusions)
-        if dtype != "fp32":
-            net.store_matmul_weights(DTYPES[dtype])  # same numbers as autocast's per-call casts, once
-        if compile_encoder:
-            net.compile_encoder()
-        self.runner = ForwardRunner(net, self.tokenizer.special, self.device, dtype, cls_score)
+        self.runner: ForwardRunner | RemoteRunner
+        if device_link is not None:
+            self.device = torch.device("cpu")  # this process touches no accelerator
+            self.runner = RemoteRunner(device_link, self.tokenizer.special)
+            self.config = ModelConfig.from_json(self.model_dir / "config.json")
+        else:
+            self.device = torch.device(device)
+            if self.device.type == "cuda":
+                torch.backends.cuda.matmul.allow_tf32 = False  # fp32 must mean fp32: exact reference answers
+                torch.backends.cudnn.allow_tf32 = False
+            net, self.config = load_model(self.model_dir, device=str(self.device))
+            # Falls back to the exact SDPA path if the fused one fails its self-check.
+            net.set_attention(resolve_attention(attention, self.device, dtype))
+            if fusions is not None:
+                net.set_fusions(fusions)  # the fused fast path's fusions (RexModel.set_fusions)
+            if dtype != "fp32":
+                net.store_matmul_weights(DTYPES[dtype])  # same numbers as autocast's per-call casts, once
+            if compile_encoder:
+                net.compile_encoder()
+            self.runner = ForwardRunner(net, self.tokenizer.special, self.device, dtype, cls_score)
         self.dtype = dtype
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch

@@ -7,7 +7,7 @@ candidate spans with a [spans, slots] matrix of which slots they match (plus sco
 classification needs them, and one row/column for the handshake pass).
 
 A batch goes through four stages so the engine can overlap them across batches (see
-`Engine._pipeline`): `prepare` (host arrays, async copy in), `launch` (the model and the link
+`Engine._pipeline`): `prepare` (host arrays from `packing.Packer`, async copy in), `launch` (the model and the link
 join, queued on the device without waiting), `fetch` (span extraction and the copies out, on a
 side stream that waits for this batch only) and `collect` (waits for those copies, builds
 `Links`). Because extraction runs on its own stream, later batches can already be queued on the
@@ -16,7 +16,6 @@ main stream while the host waits for, copies out and decodes an earlier one.
 
 from __future__ import annotations
 
-import itertools
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -26,10 +25,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from .decode import Links, type_positions
-from .layout import build_layout
+from .decode import Links
 from .model import RexModel
 from .recursion import Forward
+from .packing import ARRAYS, Packed, Packer
 from .tokenizer import SpecialIds
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -40,18 +39,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # its results differ on 29 of the 311 public cases). "logit" reproduces the golden data and is
 # the default; "sigmoid" reproduces the shipped model-repository code.
 CLS_SCORES = ("logit", "sigmoid")
-
-_ARRAYS = ("ids", "pos", "group", "slot", "valid")
-
-class _HintLayout(NamedTuple):
-    """The cached layout of one `[CLS] hint [SEP]`: what every forward with that hint shares."""
-
-    pos: np.ndarray
-    group: np.ndarray
-    slot: np.ndarray
-    text_start: int  # the first text token's position id
-    types: np.ndarray  # positions of its [TYPE] tokens (rank order = slot order)
-
 
 @dataclass
 class Prepared:
@@ -101,7 +88,7 @@ class ForwardRunner:
         if cls_score not in CLS_SCORES:
             raise ValueError(f"cls_score must be one of {CLS_SCORES}")
         self.score = torch.sigmoid if cls_score == "sigmoid" else torch.clone
-        self._layouts: dict[tuple[int, ...], _HintLayout] = {}
+        self.packer = Packer(special)
         self.model = model
         self.special = special
         self.device = device
@@ -109,18 +96,6 @@ class ForwardRunner:
         self.cuda = device.type == "cuda"
         self._side = torch.cuda.Stream(device) if self.cuda else None  # link extraction and copies out
         self.timing = False  # time each batch with CUDA events (benchmarks read Fetched.gpu_start/ready)
-
-    def _hint_layout(self, f: Forward) -> _HintLayout:
-        """Layout of the `[CLS] hint [SEP]` part, cached: many forwards share a hint."""
-        key = tuple(f.ids[: f.num_hint_tokens])
-        hit = self._layouts.get(key)
-        if hit is None:
-            pos, group, slot = build_layout(f.ids[: f.num_hint_tokens], self.special)
-            hit = _HintLayout(pos, group, slot, int(pos.max()) + 1, type_positions(key, self.special.type))
-            if len(self._layouts) >= 50_000:
-                self._layouts.clear()
-            self._layouts[key] = hit
-        return hit
 
     def _autocast(self):
         if self.dtype == "fp32":
@@ -143,50 +118,22 @@ class ForwardRunner:
 
     # ------------------------------------------------------------------------------ stages
 
-    def prepare(self, forwards: Sequence[Forward]) -> Prepared:
-        """Host-side padding of one batch into [B, L] arrays, copied to the device in one transfer.
-
-        Vectorised over the batch: the forwards' ids and cached hint layouts are concatenated once
-        and scattered into the padded arrays with two masks (no per-forward numpy calls).
-        """
-        started = time.perf_counter()
-        lengths = [len(f.ids) for f in forwards]
-        width, n = max(lengths), len(forwards)
-        layouts = [self._hint_layout(f) for f in forwards]
-        nh = np.fromiter((f.num_hint_tokens for f in forwards), dtype=np.int64, count=n)
-        columns = np.arange(width)
-        in_row = columns < np.asarray(lengths)[:, None]
-        in_hint = columns < nh[:, None]
-        # One buffer, one transfer. Each array starts on a 16-byte boundary (its stride is rounded up to
-        # an even element count): Triton specialises kernels on pointer alignment, and arrays at odd
-        # 8-byte offsets (n * width odd) compiled a second attention kernel mid-run (~1.7 s, H200).
-        stride = n * width + (n * width) % 2
-        packed = np.empty((len(_ARRAYS), stride), dtype=np.int64)
-        ids, pos, group, slot, valid = (row[: n * width].reshape(n, width) for row in packed)
-        ids.fill(self.special.pad)
-        ids[in_row] = np.fromiter(itertools.chain.from_iterable(f.ids for f in forwards), dtype=np.int64,
-                                  count=sum(lengths))
-        # Text positions continue after the hint's largest position: column - nh + start.
-        starts = np.fromiter((layout.text_start for layout in layouts), dtype=np.int64, count=n)
-        pos[:] = np.where(in_row, columns - nh[:, None] + starts[:, None], 0)
-        group.fill(-1)
-        slot.fill(-1)
-        for array, field in ((pos, "pos"), (group, "group"), (slot, "slot")):
-            array[in_hint] = np.concatenate([getattr(layout, field) for layout in layouts])
-        valid[:] = in_row
-        # [TYPE] positions per forward (rank order = slot order), padded with 0: column 0 ([CLS]) is no type.
-        counts = [len(layout.types) for layout in layouts]
-        types = np.zeros((n, max(counts)), dtype=np.int64)
-        types[np.arange(types.shape[1]) < np.asarray(counts)[:, None]] = np.concatenate([layout.types for layout in layouts])
-        host = torch.from_numpy(packed)
+    def upload(self, packed: Packed) -> Prepared:
+        """Queue the copy of a packed batch to the device (pinned, asynchronous)."""
+        n, width = len(packed.lengths), packed.width
+        host = torch.from_numpy(packed.arrays)
         if self.cuda:
             host = host.pin_memory()
         device = host.to(self.device, non_blocking=True)
-        tensors = {name: row[: n * width].view(n, width) for name, row in zip(_ARRAYS, device.unbind(0))}
+        tensors = {name: row[: n * width].view(n, width) for name, row in zip(ARRAYS, device.unbind(0))}
         tensors["valid"] = tensors["valid"].bool()
-        tensors["nh"] = torch.from_numpy(nh).to(self.device, non_blocking=True)
-        tensors["types"] = torch.from_numpy(types).to(self.device, non_blocking=True)
-        return Prepared(tensors, nh, lengths, [b for b, f in enumerate(forwards) if f.want_cls_probs], started)
+        tensors["nh"] = torch.from_numpy(packed.nh).to(self.device, non_blocking=True)
+        tensors["types"] = torch.from_numpy(packed.types).to(self.device, non_blocking=True)
+        return Prepared(tensors, packed.nh, packed.lengths, packed.cls, packed.started)
+
+    def prepare(self, forwards: Sequence[Forward]) -> Prepared:
+        """`Packer.pack` then `upload`: one batch on its way to the device."""
+        return self.upload(self.packer.pack(forwards))
 
     def tensors(self, forwards: Sequence[Forward]) -> dict[str, torch.Tensor]:
         """The device tensors of one padded batch (ids, pos, group, slot, valid, nh, types)."""
@@ -264,24 +211,50 @@ class ForwardRunner:
                            self._to_host(span_scores), self._to_host(matched), head_scores, tail_scores, rows, cols,
                            launched.gpu_start, launched.ready, self._event())
 
-    def collect(self, fetched: Fetched) -> list[Links]:
-        """Links of every forward of the batch, in order (waits for the copies out only)."""
+    def host_links(self, fetched: Fetched) -> HostLinks:
+        """The batch's joined links as host arrays (waits for the copies out only)."""
         if fetched.done is not None:
             fetched.done.synchronize()
-        spans, span_scores, matched = fetched.spans.numpy(), fetched.span_scores.numpy(), fetched.matched.numpy()
-        head = None if fetched.head_scores is None else fetched.head_scores.numpy()
-        tail = None if fetched.tail_scores is None else fetched.tail_scores.numpy()
-        cls_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        if fetched.cls_rows is not None and fetched.cls_cols is not None:
-            nh = fetched.prepared.nh
-            rows, cols = fetched.cls_rows.numpy(), fetched.cls_cols.numpy()
-            cls_rows = {b: (rows[k, : nh[b] + 1], cols[k, : nh[b] + 1]) for k, b in enumerate(fetched.prepared.cls)}
-        out = []
-        start = 0
-        for b, count in enumerate(fetched.counts.tolist()):
-            row, col = cls_rows.get(b, (None, None))
-            part = slice(start, start + count)
-            out.append(Links(spans[part], span_scores[part], matched[part],
-                             None if head is None else head[part], None if tail is None else tail[part], row, col))
-            start += count
-        return out
+
+        def array(t: torch.Tensor | None) -> np.ndarray | None:
+            return None if t is None else t.numpy()
+
+        return HostLinks(fetched.counts.numpy(), fetched.spans.numpy(), fetched.span_scores.numpy(),
+                         fetched.matched.numpy(), array(fetched.head_scores), array(fetched.tail_scores),
+                         array(fetched.cls_rows), array(fetched.cls_cols))
+
+    def collect(self, fetched: Fetched) -> list[Links]:
+        """Links of every forward of the batch, in order (waits for the copies out only)."""
+        return split_links(self.host_links(fetched), fetched.prepared.nh, fetched.prepared.cls)
+
+
+@dataclass
+class HostLinks:
+    """A batch's joined links on the host, for all its forwards together (see `Fetched`)."""
+
+    counts: np.ndarray
+    spans: np.ndarray
+    span_scores: np.ndarray
+    matched: np.ndarray
+    head_scores: np.ndarray | None
+    tail_scores: np.ndarray | None
+    cls_rows: np.ndarray | None
+    cls_cols: np.ndarray | None
+
+
+def split_links(batch: HostLinks, nh: np.ndarray, cls: list[int]) -> list[Links]:
+    """Per forward of the batch, in order: its slice of the batch's links."""
+    head, tail = batch.head_scores, batch.tail_scores
+    cls_rows: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if batch.cls_rows is not None and batch.cls_cols is not None:
+        rows, cols = batch.cls_rows, batch.cls_cols
+        cls_rows = {b: (rows[k, : nh[b] + 1], cols[k, : nh[b] + 1]) for k, b in enumerate(cls)}
+    out = []
+    start = 0
+    for b, count in enumerate(batch.counts.tolist()):
+        row, col = cls_rows.get(b, (None, None))
+        part = slice(start, start + count)
+        out.append(Links(batch.spans[part], batch.span_scores[part], batch.matched[part],
+                         None if head is None else head[part], None if tail is None else tail[part], row, col))
+        start += count
+    return out

@@ -1,0 +1,171 @@
+"""One process owns the model on a device; several host processes feed it padded batches.
+
+An engine's host work (schema walk, tokenising, padding, decoding: ~30 µs of Python per `ner`
+message) and its device work share one interpreter, and on short texts the host is the limit.
+Several engine processes per GPU spread that work over cores, but each then has its own CUDA
+context, model copy and activation memory, and their kernels time-slice the card. Here the host
+processes ("clients", each a full `Engine` built with `device_link=`) keep everything but the
+model: they pack batches (`ForwardRunner.pack`) and send them to the one device process, which
+uploads, runs and joins the links as the engine would (`ForwardRunner` stages), and sends back
+the batch's host arrays (`HostLinks`). The device process keeps up to `depth` batches queued on
+the device, from whichever clients sent them; each client gets its answers in the order it sent.
+
+The division of work is the one of text-embeddings-inference's router (tokenise, queue, batch)
+and model server (forward only), with batches built by the clients.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import threading
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+import torch
+
+from .decode import Links
+from .recursion import Forward
+from .packing import Packed, Packer
+from .runner import HostLinks, split_links
+from .tokenizer import SpecialIds
+
+_CLOSE = None  # what a client sends when it is done
+
+
+@dataclass
+class Pending:
+    """A batch sent to the device process (what `Engine._pipeline` keeps in flight)."""
+
+    prepared: Packed  # `Engine._count` reads `.prepared.lengths`, as for a local batch
+
+
+class RemoteRunner:
+    """The `ForwardRunner` stages of a client: pack here, run in the device process."""
+
+    def __init__(self, link: Connection, special: SpecialIds) -> None:
+        self.link = link
+        self.packer = Packer(special)
+
+    def prepare(self, forwards: Sequence[Forward]) -> Packed:
+        return self.packer.pack(forwards)
+
+    def launch(self, packed: Packed) -> Pending:
+        self.link.send(packed)
+        return Pending(packed)
+
+    def fetch(self, pending: Pending) -> tuple[Packed, HostLinks]:
+        """Wait for this batch's answer; a device error (out of memory included) is raised here."""
+        answer = self.link.recv()
+        if isinstance(answer, BaseException):
+            raise answer
+        return pending.prepared, answer
+
+    def collect(self, fetched: tuple[Packed, HostLinks]) -> list[Links]:
+        packed, links = fetched
+        return split_links(links, packed.nh, packed.cls)
+
+    def close(self) -> None:
+        try:
+            self.link.send(_CLOSE)
+        except OSError:
+            pass  # the device process is gone already
+        self.link.close()
+
+
+def serve_device(engine: Any, links: Sequence[Connection], depth: int = 3) -> None:
+    """Run the batches `links`' clients send on `engine`'s device until every client has closed.
+
+    A reader thread per client receives (and unpickles) its batches into one queue, so a client
+    never blocks on sending while this loop blocks on answering it. Batches are uploaded and
+    launched as they come, up to `depth` queued on the device; the oldest is then finished (its
+    links copied out) and answered. A batch that fails answers with its exception, and the device
+    process goes on.
+    """
+    runner = engine.runner
+    inbox: queue.Queue[tuple[Connection, Packed | None]] = queue.Queue()
+
+    def read(conn: Connection) -> None:
+        while True:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                msg = _CLOSE
+            inbox.put((conn, msg))
+            if msg is _CLOSE:
+                return
+
+    for conn in links:
+        threading.Thread(target=read, args=(conn,), daemon=True).start()
+    open_links = len(links)
+    inflight: deque[tuple[Connection, Any]] = deque()
+    while open_links or inflight:
+        if len(inflight) < depth:
+            try:
+                conn, msg = inbox.get(block=not inflight)
+            except queue.Empty:
+                pass  # nothing new: finish the oldest batch instead
+            else:
+                if msg is _CLOSE:
+                    open_links -= 1
+                else:
+                    inflight.append((conn, _guarded(lambda m=msg: runner.launch(runner.upload(m)))))
+                continue
+        conn, launched = inflight.popleft()
+        answer = launched if isinstance(launched, BaseException) else \
+            _guarded(lambda x=launched: runner.host_links(runner.fetch(x)))
+        try:
+            conn.send(answer)
+        except OSError:
+            pass  # that client is gone; its reader thread reports the close
+
+
+def _guarded(stage: Any) -> Any:
+    """Run one device stage; a failure is the result, as an exception that pickles.
+
+    Out of memory stays `torch.OutOfMemoryError` (cached memory freed first) so the client's engine
+    splits the batch as it would locally; anything else becomes a `RuntimeError` naming it.
+    """
+    try:
+        with torch.inference_mode():
+            return stage()
+    except torch.OutOfMemoryError as exc:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        return torch.OutOfMemoryError(str(exc))
+    except Exception as exc:  # noqa: BLE001 - answered to the client that sent the batch
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+def _device_main(engine_kwargs: dict[str, Any], links: list[Connection], ready: Connection) -> None:
+    from .engine import Engine
+
+    engine = Engine(**engine_kwargs)
+    ready.send(engine.runner.model.fast_path_status())
+    ready.close()
+    serve_device(engine, links)
+
+
+def start_device_server(clients: int, **engine_kwargs: Any) -> tuple[mp.process.BaseProcess, list[Connection], dict]:
+    """Start the device process (an `Engine(**engine_kwargs)` that serves `clients` clients).
+
+    Returns the process, one connection per client (pass each to `Engine(device_link=...)` in its
+    process) and the device engine's fast-path status, once its model is loaded.
+    """
+    ctx = mp.get_context("spawn")
+    pairs = [ctx.Pipe() for _ in range(clients)]
+    ready_recv, ready_send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_device_main, args=(engine_kwargs, [p[1] for p in pairs], ready_send), daemon=True)
+    proc.start()
+    for _, server_end in pairs:
+        server_end.close()
+    ready_send.close()
+    try:
+        status = ready_recv.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"the device process exited with code {proc.exitcode} before loading the model") from None
+    return proc, [p[0] for p in pairs], status
