@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, help="number of worker processes (CPU devices)")
     p.add_argument("--workers-per-gpu", type=int, default=1,
                    help="worker processes per selected GPU (spreads per-message CPU work over more cores)")
+    p.add_argument("--device-server", action="store_true",
+                   help="per GPU (or, without --gpus, for all workers) one device process owns the model and the "
+                        "workers only do the host work: one model copy and CUDA context per GPU")
+
+    p = sub.add_parser("device-server", help="the device process of `run --device-server` (started by it)")
+    p.add_argument("--config", type=Path, help="YAML configuration file (see config/)")
+    p.add_argument("--model", dest="model_name")
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
 
     p = sub.add_parser("produce", help="send JSON Lines or text lines to a topic")
     p.add_argument("--bootstrap-servers", help="default: the config file's, or 127.0.0.1:9092")
@@ -122,6 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .stream.launcher import main as run_main
 
         return run_main(args)
+    if args.command == "device-server":
+        from .stream.launcher import device_server_main
+
+        return device_server_main(args)
     if args.command == "produce":
         from .stream.produce import main as produce_main
 

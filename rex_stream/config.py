@@ -93,6 +93,11 @@ class ModelSettings(BaseModel):
         description="fused fast path (triton, bf16/fp16) only: split-bf16 span head, Triton rotary, and the "
                     "opt-in tanh-GELU GEMM epilogue")
     default_schema: dict[str, Any] | None = Field(None, description="used for plain-text messages")
+    device_socket: str | None = Field(
+        None, description="Unix socket of the device process that runs the model (`rex-stream run --device-server` "
+                          "sets it): a worker connects there and does the host work only; `rex-stream device-server` "
+                          "listens there")
+    device_authkey: SecretStr | None = Field(None, description="that socket's authentication key")
 
 
 class BatchSettings(BaseModel):

@@ -25,7 +25,7 @@ import torch
 
 from .batching import BATCH_COST_TOKENS, plan_batches
 from .decode import Links
-from .device_server import RemoteRunner
+from .device_server import DeviceLost, RemoteRunner
 from .recursion import Forward, Solver, solve
 from .requests import Limits, Request, RequestError, validate
 from .runner import DTYPES, ForwardRunner, Launched
@@ -165,6 +165,8 @@ class Engine:
         that causes it, so one bad request costs itself and not its batch mates."""
         try:
             return self.run_requests(requests)
+        except DeviceLost:
+            raise  # no request failed: the device process is gone, and so must this caller be
         except Exception as exc:  # noqa: BLE001 - any device/runtime failure
             if len(requests) == 1:
                 return [Outcome(error=RequestError("inference_error", f"{type(exc).__name__}: {exc}"))]

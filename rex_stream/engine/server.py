@@ -19,6 +19,7 @@ from concurrent.futures import Future
 
 import structlog
 
+from .device_server import DeviceLost
 from .engine import Engine, Outcome
 from .requests import Request
 
@@ -111,6 +112,8 @@ class EngineServer:
                 try:
                     self.engine.serve(self, self._finish)
                     return
+                except DeviceLost:
+                    raise  # not any request's fault: every waiting future gets it (below)
                 except Exception as exc:  # noqa: BLE001 - a whole-pipeline failure: isolate the culprit
                     self._isolate(exc)
         except BaseException as exc:  # the thread is dying: no future may wait forever

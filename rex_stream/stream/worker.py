@@ -35,6 +35,7 @@ from confluent_kafka import (OFFSET_BEGINNING, OFFSET_END, OFFSET_INVALID, Consu
 from ..config import Settings
 from ..engine.engine import Engine, Outcome
 from ..engine.requests import RequestError
+from ..engine.device_server import DeviceLost
 from ..engine.server import EngineServer
 from .batcher import Accumulator, BatchPolicy, estimate_tokens
 from .kafka_io import (ConfirmingProducer, DeliveryError, consumer_config, is_abortable, is_fatal,
@@ -45,6 +46,7 @@ from .stats import WindowStats
 
 EXIT_OK = 0
 EXIT_FATAL_KAFKA = 3
+EXIT_DEVICE_LOST = 4  # the device process of `rex-stream run --device-server` went away
 
 
 class FatalKafkaError(RuntimeError):
@@ -118,6 +120,9 @@ class Worker:
         except FatalKafkaError as exc:
             self.log.error("worker_stopped", reason="fatal_kafka_error", error=str(exc))
             return EXIT_FATAL_KAFKA
+        except DeviceLost as exc:  # nothing in flight was committed: a restarted worker redoes it
+            self.log.error("worker_stopped", reason="device_lost", error=str(exc))
+            return EXIT_DEVICE_LOST
         finally:
             # Let the device thread end before the interpreter does (a daemon thread still inside
             # torch at exit aborts the process); bounded, so a stuck device cannot hold a stop.
