@@ -19,5 +19,5 @@ timeout ${REX_T_BENCH:-240} $py -m rex_stream.cli bench --workload ner,mix --mes
 timeout 60 $mp --workload ner --messages ${REX_DS_NER:-60000} --procs 1 --chunk 100000 --out "$res/ner-engine.json"
 timeout 150 $mp --workload ner --messages ${REX_DS_NER:-60000} --procs ${REX_DS_PROCS:-4,6} --chunk 5000 \
     --device-server --out "$res/ner-served.json"
-timeout 120 $mp --workload mix --messages 4000 --procs ${REX_DS_MIX_PROCS:-6,8} --chunk 250 --device-server \
+timeout 120 $mp --workload mix --messages 4000 --procs ${REX_DS_MIX_PROCS:-6,8} --device-server \
     --out "$res/mix-served.json"
