@@ -23,6 +23,20 @@ def _engine_flags(p: argparse.ArgumentParser, device: str = "cpu", dtype: str = 
     p.add_argument("--compile", action="store_true", help="torch.compile the encoder (self-checked, falls back)")
 
 
+def _settings_flags(p: argparse.ArgumentParser) -> None:
+    """Flags that override the configuration of a worker (and of its device process)."""
+    p.add_argument("--config", type=Path, help="YAML configuration file (see config/)")
+    p.add_argument("--bootstrap-servers")
+    p.add_argument("--input-topic", action="append", help="repeat for several topics")
+    p.add_argument("--output-topic")
+    p.add_argument("--dead-letter-topic")
+    p.add_argument("--group-id")
+    p.add_argument("--model", dest="model_name")
+    p.add_argument("--device")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--delivery", choices=["at-least-once", "exactly-once"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rex-stream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -46,16 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--vocab", type=Path, default=None, help="vocab.txt (default: $REX_SHARED/rex/tiny-random/vocab.txt)")
 
     p = sub.add_parser("run", help="the Kafka stream worker (one process per GPU)")
-    p.add_argument("--config", type=Path, help="YAML configuration file (see config/)")
-    p.add_argument("--bootstrap-servers")
-    p.add_argument("--input-topic", action="append", help="repeat for several topics")
-    p.add_argument("--output-topic")
-    p.add_argument("--dead-letter-topic")
-    p.add_argument("--group-id")
-    p.add_argument("--model", dest="model_name")
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--delivery", choices=["at-least-once", "exactly-once"])
+    _settings_flags(p)
     p.add_argument("--gpus", help="all, N, or a list like 0,2: one worker process per GPU")
     p.add_argument("--workers", type=int, help="number of worker processes (CPU devices)")
     p.add_argument("--workers-per-gpu", type=int, default=1,
@@ -64,11 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="per GPU (or, without --gpus, for all workers) one device process owns the model and the "
                         "workers only do the host work: one model copy and CUDA context per GPU")
 
-    p = sub.add_parser("device-server", help="the device process of `run --device-server` (started by it)")
-    p.add_argument("--config", type=Path, help="YAML configuration file (see config/)")
-    p.add_argument("--model", dest="model_name")
-    p.add_argument("--device")
-    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"])
+    # Started by `run --device-server` with run's own settings flags (it uses the model ones).
+    _settings_flags(sub.add_parser("device-server", help="the device process of `run --device-server`"))
 
     p = sub.add_parser("produce", help="send JSON Lines or text lines to a topic")
     p.add_argument("--bootstrap-servers", help="default: the config file's, or 127.0.0.1:9092")

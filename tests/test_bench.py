@@ -86,3 +86,18 @@ def test_bench_cpu_tiny(shared_dir: Path, tiny_model: Path, tmp_path: Path, monk
     assert all(0 <= s <= 1 for s in shares)
     assert agree["competent_user"]["messages"] == 30 and agree["reference_style"]["messages"] == 10
     assert result["peak"]["flops_per_s"] > 0
+
+
+def test_broker_path_times_served_workers_through_a_real_broker(kafka_jars: Path, shared_dir: Path,
+                                                                 tiny_model: Path, tmp_path: Path) -> None:
+    import argparse
+
+    from rex_stream.bench.broker_path import run_worker_path
+
+    args = argparse.Namespace(model=str(tiny_model), gpus=None, device="cpu", workers=2, device_server=True,
+                              dtype="fp32", batch_tokens=8192, partitions=4, timeout=180)
+    items = load_workload("ner", shared_dir, 80)
+    # Raises unless every message (ids 0-79) has a result and the workers stop cleanly.
+    result = run_worker_path(args, items[:20], items[20:], tmp_path)
+    assert result["exit_code"] == 0 and result["seconds"] > 0 and result["msgs_s"] > 0
+    assert "--device-server" in result["command"] and "--workers 2" in result["command"]

@@ -27,7 +27,7 @@ def settings_from_args(args: Any) -> Settings:
                                ("consumer", "group_id", "group_id"), ("model", "name", "model_name"),
                                ("model", "device", "device"), ("model", "dtype", "dtype"),
                                ("delivery", "mode", "delivery")):
-        put(section, key, getattr(args, flag, None))  # `device-server` has the model flags only
+        put(section, key, getattr(args, flag))
     return load_settings(args.config, overrides)
 
 

@@ -1,0 +1,139 @@
+"""The stream worker's end-to-end rate through a real Kafka broker, against the bare engine.
+
+`python -m rex_stream.bench.broker_path --model DIR --workload ner --messages 20000 --gpus 0
+--workers-per-gpu 4 --device-server --out FILE` starts a local broker (`devbroker`), measures the
+engine without Kafka first (one engine process, and the same host/device layout as the workers,
+`multiproc.measure`), then runs `rex-stream run` with the given layout and times it end to end:
+after a warm-up whose results are awaited, the messages are produced at once, and the rate is
+their count over the time from the first produce to the broker timestamp of the last result
+(results carry the worker's produce time). Every result is checked to be there, once per id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import orjson
+from confluent_kafka import Consumer, Producer
+
+from ..devbroker import LocalBroker, create_topics
+from .multiproc import measure
+from .report import write_json
+from .workloads import load_workload
+
+
+def _produce(bootstrap: str, topic: str, items: list[tuple[str, dict]], start: int) -> float:
+    """Produce messages with ids start, start+1, …; returns the wall time (ms) of the first send."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "batch.size": 1 << 20})
+    first = time.time() * 1e3
+    for k, (text, schema) in enumerate(items):
+        while True:
+            try:
+                producer.produce(topic, orjson.dumps({"id": str(start + k), "text": text, "schema": schema}),
+                                 key=str(start + k).encode())
+                break
+            except BufferError:
+                producer.poll(0.05)
+    producer.flush(60)
+    return first
+
+
+def _results(consumer: Consumer, ids: set[str], timeout: float) -> float:
+    """Read results until every id in `ids` has one; returns the largest result timestamp (ms)."""
+    last, deadline = 0.0, time.monotonic() + timeout
+    while ids and time.monotonic() < deadline:
+        for m in consumer.consume(1000, 0.5):
+            if m.error() is None:
+                ids.discard(orjson.loads(m.value())["id"])
+                last = max(last, float(m.timestamp()[1]))
+    if ids:
+        raise TimeoutError(f"{len(ids)} results missing after {timeout:.0f} s")
+    return last
+
+
+def run_worker_path(args: argparse.Namespace, warm: list[tuple[str, dict]], items: list[tuple[str, dict]],
+                    work: Path) -> dict[str, Any]:
+    """Start a broker and `rex-stream run`; returns the workers' messages/s over `items` after `warm`."""
+    with LocalBroker() as broker:
+        boot = broker.bootstrap
+        topics = {name: f"bench-{name}-{uuid.uuid4().hex[:6]}" for name in ("in", "out", "dlq")}
+        create_topics(boot, {topics["in"]: args.partitions, topics["out"]: args.partitions, topics["dlq"]: 1})
+        layout = ["--gpus", args.gpus, "--workers-per-gpu", str(args.workers)] if args.gpus else \
+            ["--device", args.device, "--workers", str(args.workers)]
+        cmd = [sys.executable, "-m", "rex_stream.cli", "run", "--bootstrap-servers", boot, "--input-topic",
+               topics["in"], "--output-topic", topics["out"], "--dead-letter-topic", topics["dlq"], "--group-id",
+               f"bench-{uuid.uuid4().hex[:6]}", "--model", args.model, "--dtype", args.dtype, *layout,
+               *(["--device-server"] if args.device_server else [])]
+        log = work / "worker.log"
+        env = os.environ | {"REX_MODEL__ENGINE_BATCH_TOKENS": str(args.batch_tokens),
+                            "REX_MONITOR__STATS_INTERVAL_S": "5"}
+        proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        consumer = Consumer({"bootstrap.servers": boot, "group.id": f"reader-{uuid.uuid4().hex[:6]}",
+                             "auto.offset.reset": "earliest", "enable.auto.commit": False})
+        consumer.subscribe([topics["out"]])
+        try:
+            _produce(boot, topics["in"], warm, 0)
+            _results(consumer, {str(i) for i in range(len(warm))}, timeout=args.timeout)
+            first = _produce(boot, topics["in"], items, len(warm))
+            last = _results(consumer, {str(len(warm) + i) for i in range(len(items))}, timeout=args.timeout)
+        finally:
+            consumer.close()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(120)
+    if code != 0:
+        raise RuntimeError(f"the workers exited with {code}: {log.read_text()[-2000:]}")
+    return {"msgs_s": len(items) / ((last - first) / 1e3), "seconds": (last - first) / 1e3, "exit_code": code,
+            "command": " ".join(cmd[1:])}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--model", required=True)
+    p.add_argument("--workload", default="ner")
+    p.add_argument("--messages", type=int, default=20_000)
+    p.add_argument("--warmup", type=int, default=2_000)
+    p.add_argument("--gpus", help="as for rex-stream run; without it: --device with --workers processes")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=int, default=1, help="workers (per GPU with --gpus)")
+    p.add_argument("--device-server", action="store_true")
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--batch-tokens", type=int, default=131_072)
+    p.add_argument("--partitions", type=int, default=8)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--out", type=Path)
+    args = p.parse_args()
+    shared = os.environ.get("REX_SHARED", "../shared")
+    items = load_workload(args.workload, Path(shared), args.messages + args.warmup)
+    device = "cuda" if args.gpus else args.device
+    base = {"model": args.model, "workload": args.workload, "messages": args.messages, "device": device,
+            "dtype": args.dtype, "batch_tokens": args.batch_tokens, "chunk": 100_000, "gpus": 1,
+            "attention": "auto", "shared": shared}
+    engine = measure(1, base | {"device_server": False})
+    layout = measure(args.workers, base | {"device_server": args.device_server, "chunk": 5_000})
+    with tempfile.TemporaryDirectory(prefix="rex-broker-bench-") as work:
+        worker = run_worker_path(args, items[args.messages:], items[: args.messages], Path(work))
+    result = {"workload": args.workload, "messages": args.messages, "layout": {
+        "workers": args.workers, "device_server": args.device_server, "gpus": args.gpus, "device": device},
+        "engine_one_process_msgs_s": engine["msgs_s"], "engine_same_layout_msgs_s": layout["msgs_s"],
+        "worker_msgs_s": worker["msgs_s"], "worker_vs_engine_one_process": worker["msgs_s"] / engine["msgs_s"],
+        "worker_vs_engine_same_layout": worker["msgs_s"] / layout["msgs_s"], "worker": worker,
+        "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    print(json.dumps(result, indent=1))
+    if args.out:
+        write_json(result, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
