@@ -95,7 +95,7 @@ def test_broker_path_times_served_workers_through_a_real_broker(kafka_jars: Path
     from rex_stream.bench.broker_path import run_worker_path
 
     args = argparse.Namespace(model=str(tiny_model), gpus=None, device="cpu", workers=2, device_server=True,
-                              dtype="fp32", batch_tokens=8192, partitions=4, timeout=180)
+                              dtype="fp32", batch_tokens=8192, partitions=4, timeout=180, log=None)
     items = load_workload("ner", shared_dir, 80)
     # Raises unless every message (ids 0-79) has a result and the workers stop cleanly.
     result = run_worker_path(args, items[:20], items[20:], tmp_path)

@@ -32,6 +32,10 @@ from .report import write_json
 from .workloads import load_workload
 
 
+def _say(line: str) -> None:
+    print(f"[broker_path {time.strftime('%H:%M:%S')}] {line}", file=sys.stderr, flush=True)
+
+
 def _produce(bootstrap: str, topic: str, items: list[tuple[str, dict]], start: int) -> float:
     """Produce messages with ids start, start+1, …; returns the wall time (ms) of the first send."""
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "batch.size": 1 << 20})
@@ -74,7 +78,7 @@ def run_worker_path(args: argparse.Namespace, warm: list[tuple[str, dict]], item
                topics["in"], "--output-topic", topics["out"], "--dead-letter-topic", topics["dlq"], "--group-id",
                f"bench-{uuid.uuid4().hex[:6]}", "--model", args.model, "--dtype", args.dtype, *layout,
                *(["--device-server"] if args.device_server else [])]
-        log = work / "worker.log"
+        log = args.log or work / "worker.log"
         env = os.environ | {"REX_MODEL__ENGINE_BATCH_TOKENS": str(args.batch_tokens),
                             "REX_MONITOR__STATS_INTERVAL_S": "5"}
         proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env,
@@ -83,8 +87,10 @@ def run_worker_path(args: argparse.Namespace, warm: list[tuple[str, dict]], item
                              "auto.offset.reset": "earliest", "enable.auto.commit": False})
         consumer.subscribe([topics["out"]])
         try:
+            _say(f"broker up at {boot}; workers started: {' '.join(layout)}")
             _produce(boot, topics["in"], warm, 0)
             _results(consumer, {str(i) for i in range(len(warm))}, timeout=args.timeout)
+            _say(f"warm-up done ({len(warm)} messages)")
             first = _produce(boot, topics["in"], items, len(warm))
             last = _results(consumer, {str(len(warm) + i) for i in range(len(items))}, timeout=args.timeout)
         finally:
@@ -111,6 +117,7 @@ def main() -> int:
     p.add_argument("--batch-tokens", type=int, default=131_072)
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--log", type=Path, help="keep the workers' log here")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     shared = os.environ.get("REX_SHARED", "../shared")
@@ -120,7 +127,10 @@ def main() -> int:
             "dtype": args.dtype, "batch_tokens": args.batch_tokens, "chunk": 100_000, "gpus": 1,
             "attention": "auto", "shared": shared}
     engine = measure(1, base | {"device_server": False})
+    _say(f"engine, one process: {engine['msgs_s']:.1f} msg/s")
     layout = measure(args.workers, base | {"device_server": args.device_server, "chunk": 5_000})
+    _say(f"engine, {args.workers} processes{' + device process' if args.device_server else ''}: "
+         f"{layout['msgs_s']:.1f} msg/s")
     with tempfile.TemporaryDirectory(prefix="rex-broker-bench-") as work:
         worker = run_worker_path(args, items[args.messages:], items[: args.messages], Path(work))
     result = {"workload": args.workload, "messages": args.messages, "layout": {
