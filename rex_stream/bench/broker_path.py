@@ -52,10 +52,12 @@ def _produce(bootstrap: str, topic: str, items: list[tuple[str, dict]], start: i
     return first
 
 
-def _results(consumer: Consumer, ids: set[str], timeout: float) -> float:
+def _results(consumer: Consumer, ids: set[str], timeout: float, workers: subprocess.Popen) -> float:
     """Read results until every id in `ids` has one; returns the largest result timestamp (ms)."""
     last, deadline = 0.0, time.monotonic() + timeout
     while ids and time.monotonic() < deadline:
+        if workers.poll() is not None:
+            raise RuntimeError(f"the workers exited with {workers.returncode} before all results came")
         for m in consumer.consume(1000, 0.5):
             if m.error() is None:
                 ids.discard(orjson.loads(m.value())["id"])
@@ -89,10 +91,10 @@ def run_worker_path(args: argparse.Namespace, warm: list[tuple[str, dict]], item
         try:
             _say(f"broker up at {boot}; workers started: {' '.join(layout)}")
             _produce(boot, topics["in"], warm, 0)
-            _results(consumer, {str(i) for i in range(len(warm))}, timeout=args.timeout)
+            _results(consumer, {str(i) for i in range(len(warm))}, args.timeout, proc)
             _say(f"warm-up done ({len(warm)} messages)")
             first = _produce(boot, topics["in"], items, len(warm))
-            last = _results(consumer, {str(len(warm) + i) for i in range(len(items))}, timeout=args.timeout)
+            last = _results(consumer, {str(len(warm) + i) for i in range(len(items))}, args.timeout, proc)
         finally:
             consumer.close()
             proc.send_signal(signal.SIGTERM)
@@ -109,7 +111,8 @@ def main() -> int:
     p.add_argument("--workload", default="ner")
     p.add_argument("--messages", type=int, default=20_000)
     p.add_argument("--warmup", type=int, default=2_000)
-    p.add_argument("--gpus", help="as for rex-stream run; without it: --device with --workers processes")
+    p.add_argument("--gpus", help="as for rex-stream run (all, a count, or a list like 0,2); without it: "
+                                  "--device with --workers processes")
     p.add_argument("--device", default="cpu")
     p.add_argument("--workers", type=int, default=1, help="workers (per GPU with --gpus)")
     p.add_argument("--device-server", action="store_true")
@@ -118,6 +121,7 @@ def main() -> int:
     p.add_argument("--partitions", type=int, default=8)
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--log", type=Path, help="keep the workers' log here")
+    p.add_argument("--no-engine", action="store_true", help="time the workers only (no engine runs first)")
     p.add_argument("--out", type=Path)
     args = p.parse_args()
     shared = os.environ.get("REX_SHARED", "../shared")
@@ -126,11 +130,13 @@ def main() -> int:
     base = {"model": args.model, "workload": args.workload, "messages": args.messages, "device": device,
             "dtype": args.dtype, "batch_tokens": args.batch_tokens, "chunk": 100_000, "gpus": 1,
             "attention": "auto", "shared": shared}
-    engine = measure(1, base | {"device_server": False})
-    _say(f"engine, one process: {engine['msgs_s']:.1f} msg/s")
-    layout = measure(args.workers, base | {"device_server": args.device_server, "chunk": 5_000})
-    _say(f"engine, {args.workers} processes{' + device process' if args.device_server else ''}: "
-         f"{layout['msgs_s']:.1f} msg/s")
+    engine = layout = {"msgs_s": float("nan")}
+    if not args.no_engine:
+        engine = measure(1, base | {"device_server": False})
+        _say(f"engine, one process: {engine['msgs_s']:.1f} msg/s")
+        layout = measure(args.workers, base | {"device_server": args.device_server, "chunk": 5_000})
+        _say(f"engine, {args.workers} processes{' + device process' if args.device_server else ''}: "
+             f"{layout['msgs_s']:.1f} msg/s")
     with tempfile.TemporaryDirectory(prefix="rex-broker-bench-") as work:
         worker = run_worker_path(args, items[args.messages:], items[: args.messages], Path(work))
     result = {"workload": args.workload, "messages": args.messages, "layout": {
