@@ -4,9 +4,10 @@
 --workers-per-gpu 4 --device-server --out FILE` starts a local broker (`devbroker`), measures the
 engine without Kafka first (one engine process, and the same host/device layout as the workers,
 `multiproc.measure`), then runs `rex-stream run` with the given layout and times it end to end:
-after a warm-up whose results are awaited, the messages are produced at once, and the rate is
-their count over the time from the first produce to the broker timestamp of the last result
-(results carry the worker's produce time). Every result is checked to be there, once per id.
+once the workers' group is stable with every worker holding partitions, and after a warm-up whose
+results are awaited, the messages are produced at once, and the rate is their count over the time
+from the first produce to the broker timestamp of the last result (results carry the worker's
+produce time). Every message is checked to have a result.
 """
 
 from __future__ import annotations
@@ -24,12 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from confluent_kafka import Consumer, Producer
+from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
 
 from ..devbroker import LocalBroker, create_topics
 from .multiproc import measure
 from .report import write_json
 from .workloads import load_workload
+
+
+def _gpu_count(spec: str) -> int:
+    import torch
+
+    from ..stream.supervisor import parse_gpus
+
+    return len(parse_gpus(spec, torch.cuda.device_count()))
 
 
 def _say(line: str) -> None:
@@ -67,6 +77,26 @@ def _results(consumer: Consumer, ids: set[str], timeout: float, workers: subproc
     return last
 
 
+def _wait_for_group(bootstrap: str, group: str, members: int, workers: subprocess.Popen, timeout: float) -> None:
+    """Wait until the workers' group is stable with every worker holding partitions, so the timed
+    phase measures them all, not one worker alone and a rebalance (which the first GPU run did)."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if workers.poll() is not None:
+            raise RuntimeError(f"the workers exited with {workers.returncode} before their group formed")
+        try:
+            described = admin.describe_consumer_groups([group])[group].result(10)
+        except KafkaException:
+            described = None  # the group does not exist yet
+        if described is not None and described.state == ConsumerGroupState.STABLE and \
+                len(described.members) == members and \
+                all(m.assignment.topic_partitions for m in described.members):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the group {group} did not become stable with {members} members in {timeout:.0f} s")
+
+
 def run_worker_path(args: argparse.Namespace, warm: list[tuple[str, dict]], items: list[tuple[str, dict]],
                     work: Path) -> dict[str, Any]:
     """Start a broker and `rex-stream run`; returns the workers' messages/s over `items` after `warm`."""
@@ -76,9 +106,10 @@ def run_worker_path(args: argparse.Namespace, warm: list[tuple[str, dict]], item
         create_topics(boot, {topics["in"]: args.partitions, topics["out"]: args.partitions, topics["dlq"]: 1})
         layout = ["--gpus", args.gpus, "--workers-per-gpu", str(args.workers)] if args.gpus else \
             ["--device", args.device, "--workers", str(args.workers)]
+        group = f"bench-{uuid.uuid4().hex[:6]}"
         cmd = [sys.executable, "-m", "rex_stream.cli", "run", "--bootstrap-servers", boot, "--input-topic",
                topics["in"], "--output-topic", topics["out"], "--dead-letter-topic", topics["dlq"], "--group-id",
-               f"bench-{uuid.uuid4().hex[:6]}", "--model", args.model, "--dtype", args.dtype, *layout,
+               group, "--model", args.model, "--dtype", args.dtype, *layout,
                *(["--device-server"] if args.device_server else [])]
         log = args.log or work / "worker.log"
         env = os.environ | {"REX_MODEL__ENGINE_BATCH_TOKENS": str(args.batch_tokens),
@@ -90,9 +121,12 @@ def run_worker_path(args: argparse.Namespace, warm: list[tuple[str, dict]], item
         consumer.subscribe([topics["out"]])
         try:
             _say(f"broker up at {boot}; workers started: {' '.join(layout)}")
+            members = args.workers * (1 if not args.gpus else _gpu_count(args.gpus))
+            _wait_for_group(boot, group, members, proc, args.timeout)
             _produce(boot, topics["in"], warm, 0)
             _results(consumer, {str(i) for i in range(len(warm))}, args.timeout, proc)
-            _say(f"warm-up done ({len(warm)} messages)")
+            _wait_for_group(boot, group, members, proc, args.timeout)
+            _say(f"warm-up done ({len(warm)} messages); the group is stable with {members} workers")
             first = _produce(boot, topics["in"], items, len(warm))
             last = _results(consumer, {str(len(warm) + i) for i in range(len(items))}, args.timeout, proc)
         finally:
