@@ -164,7 +164,8 @@ def main() -> int:
     base = {"model": args.model, "workload": args.workload, "messages": args.messages, "device": device,
             "dtype": args.dtype, "batch_tokens": args.batch_tokens, "chunk": 100_000, "gpus": 1,
             "attention": "auto", "shared": shared}
-    engine = layout = {"msgs_s": float("nan")}
+    engine: dict[str, Any] = {"msgs_s": None}
+    layout: dict[str, Any] = {"msgs_s": None}
     if not args.no_engine:
         engine = measure(1, base | {"device_server": False})
         _say(f"engine, one process: {engine['msgs_s']:.1f} msg/s")
@@ -176,9 +177,11 @@ def main() -> int:
     result = {"workload": args.workload, "messages": args.messages, "layout": {
         "workers": args.workers, "device_server": args.device_server, "gpus": args.gpus, "device": device},
         "engine_one_process_msgs_s": engine["msgs_s"], "engine_same_layout_msgs_s": layout["msgs_s"],
-        "worker_msgs_s": worker["msgs_s"], "worker_vs_engine_one_process": worker["msgs_s"] / engine["msgs_s"],
-        "worker_vs_engine_same_layout": worker["msgs_s"] / layout["msgs_s"], "worker": worker,
+        "worker_msgs_s": worker["msgs_s"], "worker": worker,
         "date": time.strftime("%Y-%m-%d", time.gmtime())}
+    for name, base_run in (("one_process", engine), ("same_layout", layout)):
+        if base_run["msgs_s"]:
+            result[f"worker_vs_engine_{name}"] = worker["msgs_s"] / base_run["msgs_s"]
     print(json.dumps(result, indent=1))
     if args.out:
         write_json(result, args.out)
