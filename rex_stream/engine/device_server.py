@@ -35,8 +35,8 @@ import structlog
 import torch
 
 from .decode import Links
-from .recursion import Forward
 from .packing import Packed, Packer
+from .recursion import Forward
 from .runner import HostLinks, split_links
 from .tokenizer import SpecialIds
 
