@@ -85,3 +85,31 @@ def test_the_device_process_exits_once_every_client_has_closed(tiny_model: Path)
 def test_a_device_process_that_cannot_load_its_model_is_reported(tmp_path: Path):
     with pytest.raises(RuntimeError, match="before loading the model"):
         start_device_server(1, model=tmp_path, device="cpu", dtype="fp32")
+
+
+def test_socket_clients_must_prove_the_key_and_the_server_stops_once_idle(tiny_model: Path, tmp_path: Path,
+                                                                         golden_cases: list[dict]):
+    from multiprocessing import AuthenticationError
+
+    from rex_stream.engine.device_server import DeviceServer, connect_device
+
+    server = DeviceServer(Engine(tiny_model))
+    path = str(tmp_path / "device.sock")
+    server.listen(path, b"right key")
+    runner = threading.Thread(target=server.run, kwargs={"forever": True}, daemon=True)
+    runner.start()
+    try:
+        with pytest.raises(AuthenticationError):
+            connect_device(path, b"wrong key", timeout_s=10)
+        engine = Engine(tiny_model, limits=LIMITS, device_link=connect_device(path, b"right key", timeout_s=10))
+        cases = golden_cases[:12]
+        outcomes = engine.infer([(c["text"], c["schema"]) for c in cases])
+        assert [o.output for o in outcomes] == [c["output"] for c in cases]  # the refused client broke nothing
+        server.stop_when_idle()
+        runner.join(timeout=2)
+        assert runner.is_alive()  # a client is still connected: keep serving it
+        engine.runner.close()
+        runner.join(timeout=30)
+        assert not runner.is_alive()
+    finally:
+        server.stop_when_idle()
