@@ -87,7 +87,6 @@ def main(args: Any) -> int:
 def device_server_main(args: Any) -> int:
     """`rex-stream device-server`: load the model and serve the workers on `model.device_socket`."""
     from ..engine.device_server import DeviceServer
-    from ..engine.engine import Engine
 
     settings = settings_from_args(args)
     log = configure(settings.monitor.log_level).bind(role="device")
