@@ -16,11 +16,9 @@ main stream while the host waits for, copies out and decodes an earlier one.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
 import torch
