@@ -25,8 +25,8 @@ import torch
 
 from .decode import Links
 from .model import RexModel
-from .recursion import Forward
 from .packing import ARRAYS, Packed, Packer
+from .recursion import Forward
 from .tokenizer import SpecialIds
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
