@@ -13,7 +13,6 @@ produce time). Every message is checked to have a result.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from confluent_kafka.admin import AdminClient
 
 from ..devbroker import LocalBroker, create_topics
 from .multiproc import measure
-from .report import write_json
+from .report import emit
 from .workloads import load_workload
 
 
@@ -177,14 +176,11 @@ def main() -> int:
     result = {"workload": args.workload, "messages": args.messages, "layout": {
         "workers": args.workers, "device_server": args.device_server, "gpus": args.gpus, "device": device},
         "engine_one_process_msgs_s": engine["msgs_s"], "engine_same_layout_msgs_s": layout["msgs_s"],
-        "worker_msgs_s": worker["msgs_s"], "worker": worker,
-        "date": time.strftime("%Y-%m-%d", time.gmtime())}
+        "worker_msgs_s": worker["msgs_s"], "worker": worker}
     for name, base_run in (("one_process", engine), ("same_layout", layout)):
         if base_run["msgs_s"]:
             result[f"worker_vs_engine_{name}"] = worker["msgs_s"] / base_run["msgs_s"]
-    print(json.dumps(result, indent=1))
-    if args.out:
-        write_json(result, args.out)
+    emit(result, args.out)
     return 0
 
 

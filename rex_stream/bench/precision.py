@@ -23,7 +23,7 @@ import torch
 from ..engine.engine import Engine
 from ..engine.recursion import Forward
 from ..engine.requests import Limits
-from .report import write_json
+from .report import emit
 
 
 def _region(t: dict[str, torch.Tensor], width: int) -> torch.Tensor:
@@ -112,9 +112,7 @@ def main() -> int:
     if args.limit:
         cases = cases[: args.limit]
     result = compare(args.model, cases, args.device, args.dtype, attention=args.attention)
-    print(json.dumps(result, ensure_ascii=False, indent=1))
-    if args.out:
-        write_json(result, args.out)
+    emit(result, args.out)
     return 0
 
 

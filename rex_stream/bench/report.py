@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +102,14 @@ def write_json(result: dict[str, Any], path: Path) -> None:
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
+
+
+def emit(result: dict[str, Any], out: Path | None) -> None:
+    """The end of a bench script: its result, dated, on stdout and (with `out`) as a JSON file."""
+    result.setdefault("date", time.strftime("%Y-%m-%d", time.gmtime()))
+    print(json.dumps(result, ensure_ascii=False, indent=1))
+    if out:
+        write_json(result, out)
 
 
 def write_png(result: dict[str, Any], latencies: dict[str, list[float]], path: Path) -> None:

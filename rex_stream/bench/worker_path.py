@@ -13,7 +13,6 @@ it) and, for reference, in calls of one worker batch each (the worker's path bef
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from collections import deque
@@ -27,7 +26,7 @@ from ..engine.engine import Engine
 from ..engine.server import EngineServer
 from ..stream.batcher import Accumulator, BatchPolicy, estimate_tokens
 from ..stream.messages import Source, decode, result_record
-from .report import write_json
+from .report import emit
 from .workloads import load_workload
 
 
@@ -112,11 +111,8 @@ def main() -> int:
               if engine.device.type == "cuda" else "cpu", "dtype": args.dtype, "attention": engine.runner.model.attention,
               "batch_messages": args.batch_messages, "in_flight": args.in_flight,
               "engine_msgs_s": engine_rate, "engine_per_batch_msgs_s": chunked_rate, "worker_path_msgs_s": worker_rate,
-              "ratio": worker_rate / engine_rate,
-              "date": time.strftime("%Y-%m-%d", time.gmtime())}
-    print(json.dumps(result, indent=1))
-    if args.out:
-        write_json(result, args.out)
+              "ratio": worker_rate / engine_rate}
+    emit(result, args.out)
     return 0
 
 
