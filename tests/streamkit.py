@@ -17,6 +17,12 @@ import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 
+def cheap_cases(golden: list[dict], n: int) -> list[dict]:
+    """Up to n golden cases that are quick on CPU (at most two forwards of at most 128 tokens)."""
+    picked = [c for c in golden if c["forwards"] <= 2 and c["max_len"] <= 128 and c["text"].strip()]
+    return picked[:n]
+
+
 def write_config(path: Path, bootstrap: str, topics: dict[str, str], model_dir: Path, **sections: dict[str, Any]) -> Path:
     cfg: dict[str, Any] = {
         "kafka": {"bootstrap_servers": bootstrap},

@@ -9,12 +9,7 @@ from pathlib import Path
 import orjson
 import yaml
 
-from streamkit import committed, end_offsets, produce, read_all, start_worker, stop, values, write_config
-
-
-def cheap_cases(golden: list[dict], n: int) -> list[dict]:
-    picked = [c for c in golden if c["forwards"] <= 2 and c["max_len"] <= 128 and c["text"].strip()]
-    return picked[:n]
+from streamkit import cheap_cases, committed, end_offsets, produce, read_all, start_worker, stop, values, write_config
 
 
 BAD = [
