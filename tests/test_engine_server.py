@@ -126,3 +126,23 @@ def test_live_source_plans_fuller_batches(tiny_model: Path, golden_cases: list[d
         assert [outcomes[i].output for i in range(len(cases))] == [c["output"] for c in cases]
         batches[live] = engine.stats.batches
     assert batches[True] < batches[False]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the device thread dies of it
+def test_a_lost_device_process_fails_the_waiting_futures_and_later_submissions_alike(tiny_model: Path,
+                                                                                     golden_cases: list[dict]):
+    from multiprocessing import Pipe
+
+    from rex_stream.engine.device_server import DeviceLost
+
+    link, peer = Pipe()
+    peer.close()  # the device process end is gone before the first batch
+    server = EngineServer(Engine(tiny_model, limits=LIMITS, device_link=link))
+    first = server.submit(_requests(golden_cases[:4]))
+    with pytest.raises(DeviceLost):
+        first.result(timeout=60)
+    server._thread.join(timeout=30)
+    # A worker that submits after the device thread died must see the same cause (its worker then
+    # stops with reason device_lost), not a bare "closed".
+    with pytest.raises(DeviceLost):
+        server.submit(_requests(golden_cases[4:6]))

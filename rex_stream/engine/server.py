@@ -51,6 +51,7 @@ class EngineServer:
         self._started: dict[Hashable, Request] = {}  # taken by the engine and not finished yet
         self._ready = threading.Condition()
         self._closed = False
+        self._failure: BaseException | None = None  # what ended the device thread, if anything did
         self._thread = threading.Thread(target=self._run, name="rex-engine", daemon=True)
         self._thread.start()
 
@@ -61,6 +62,8 @@ class EngineServer:
             ticket.future.set_result([])
             return ticket.future
         with self._ready:
+            if self._failure is not None:
+                raise self._failure  # as its own futures got it: a caller sees why, not just "closed"
             if self._closed:
                 raise RuntimeError("the engine server is closed")
             self._waiting.extend(((ticket, i), r) for i, r in enumerate(requests))
@@ -119,6 +122,7 @@ class EngineServer:
         except BaseException as exc:  # the thread is dying: no future may wait forever
             with self._ready:
                 self._closed = True
+                self._failure = exc
                 pending = list(self._started) + [key for key, _ in self._waiting]
                 self._waiting.clear()
             for ticket in {key[0] for key in pending}:  # type: ignore[index]
