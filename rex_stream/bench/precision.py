@@ -35,10 +35,11 @@ def _region(t: dict[str, torch.Tensor], width: int) -> torch.Tensor:
 
 
 def compare(model: str, cases: list[dict], device: str, dtype: str, batch_tokens: int = 32768,
-            attention: str = "auto") -> dict:
+            attention: str = "auto", fusions: frozenset[str] | None = None) -> dict:
     limits = Limits(allow_empty_text=True)
     ref = Engine(model, device=device, dtype="fp32", batch_tokens=batch_tokens, limits=limits)
-    low = Engine(model, device=device, dtype=dtype, batch_tokens=batch_tokens, limits=limits, attention=attention)
+    low = Engine(model, device=device, dtype=dtype, batch_tokens=batch_tokens, limits=limits, attention=attention,
+                 fusions=fusions)
     items = [(c["text"], c["schema"]) for c in cases]
 
     captured: list[Forward] = []
@@ -85,7 +86,8 @@ def compare(model: str, cases: list[dict], device: str, dtype: str, batch_tokens
     differing = [c["id"] for c, x, y in zip(cases, out_ref, out_low) if x.output != y.output]
     return {
         "model": model, "device": torch.cuda.get_device_name() if device.startswith("cuda") else "cpu",
-        "dtype": dtype, "attention": low.runner.model.attention, "cases": len(cases), "forwards": len(captured),
+        "dtype": dtype, "attention": low.runner.model.attention,
+        "fusions": low.runner.model.fast_path_status()["fusions"], "cases": len(cases), "forwards": len(captured),
         "logit_max_abs_error": max_err, "logit_p99_abs_error": p99, "logit_rms_fp32": spread,
         "max_error_over_rms": max_err / spread if spread else None,
         "identical_outputs": same, "identical_share": same / len(cases),
@@ -104,6 +106,7 @@ def main() -> int:
     p.add_argument("--device", default="cuda")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     p.add_argument("--attention", default="auto", help="reduced-precision engine attention path (auto: triton on CUDA)")
+    p.add_argument("--fusions", help="comma-separated fast-path fusions (default: the model's default set)")
     p.add_argument("--limit", type=int, default=0)
     p.add_argument("--out", type=Path)
     args = p.parse_args()
@@ -111,7 +114,8 @@ def main() -> int:
     cases = [c if "id" in c else {**c, "id": str(i)} for i, c in enumerate(cases)]
     if args.limit:
         cases = cases[: args.limit]
-    result = compare(args.model, cases, args.device, args.dtype, attention=args.attention)
+    fusions = None if args.fusions is None else frozenset(filter(None, args.fusions.split(",")))
+    result = compare(args.model, cases, args.device, args.dtype, attention=args.attention, fusions=fusions)
     emit(result, args.out)
     return 0
 
