@@ -17,9 +17,9 @@ import torch
 import torch.nn.functional as F
 
 from rex_stream.engine import model as model_module
-from rex_stream.engine import triton_attention, triton_ffn, triton_norm
+from rex_stream.engine import triton_attention, triton_norm
 from rex_stream.engine.fast_attention import synthetic_batch
-from rex_stream.engine.model import DEFAULT_FUSIONS, RexModel
+from rex_stream.engine.model import DEFAULT_FUSIONS, RexModel, _linear_gelu
 
 
 @pytest.fixture
@@ -122,7 +122,7 @@ def test_head_out_of_memory_propagates(model, batch, monkeypatch) -> None:
 
 
 def test_rotary_kernel_failure_falls_back_to_eager(model, batch, monkeypatch) -> None:
-    monkeypatch.setattr(triton_attention, "INTERPRET", False)  # CPU without the interpreter: no kernel
+    monkeypatch.setattr(triton_attention, "_INTERPRET", False)  # CPU without the interpreter: no kernel
     hidden = _hidden(model, batch)
     model.set_fusions({"rotary"})
     with torch.no_grad():
@@ -143,23 +143,35 @@ def test_set_fusions_and_engine_keyword(model, tiny_model: Path) -> None:
 # ------------------------------------------------------------------ GELU epilogue
 
 
+def test_linear_gelu_is_gelu_of_linear() -> None:
+    gen = torch.Generator().manual_seed(4)
+    linear = torch.nn.Linear(64, 96)  # fp32 weights, cast like autocast casts them
+    x = torch.randn(2, 5, 64, generator=gen).bfloat16()
+    with torch.no_grad():
+        got = _linear_gelu(x, linear)
+        exact = F.gelu(F.linear(x.float(), linear.weight, linear.bias))
+    assert got.shape == (2, 5, 96) and got.dtype == torch.bfloat16
+    assert _relative(got, exact) <= 1e-2  # bf16 GEMM output; CPU applies the erf GELU, CUDA tanh (~5e-4)
+
+
 @pytest.fixture
 def fused_path(monkeypatch) -> list[int]:
-    """The triton path on CPU with its kernels replaced by their eager equivalents; counts fused GELU GEMMs."""
+    """The triton path on CPU with its kernels replaced by their eager equivalents; counts GELU epilogues."""
     def add_layer_norm(y: torch.Tensor, residual: torch.Tensor, norm: Any, low: torch.dtype) -> Any:
         out = norm(y + residual)
         return out, out.to(low)
 
     calls = []
+    addmm_activation = torch._addmm_activation
 
-    def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        calls.append(True)
-        return F.gelu(F.linear(x.float(), weight.float(), bias.float())).to(x.dtype)
+    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
+        calls.append(kwargs.get("use_gelu"))
+        return addmm_activation(*args, **kwargs)
 
     monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
     monkeypatch.setattr(triton_attention, "disentangled_attention", triton_attention.reference_attention)
     monkeypatch.setattr(triton_norm, "add_layer_norm", add_layer_norm)
-    monkeypatch.setattr(triton_ffn, "linear_gelu", linear_gelu)
+    monkeypatch.setattr(torch, "_addmm_activation", counted)
     return calls
 
 

@@ -99,7 +99,6 @@ def _kernel_checks() -> list[dict[str, Any]]:
             })
     out.extend(_norm_checks())
     out.extend(_rotary_checks())
-    out.extend(_ffn_checks())
     # The cases above ran the interpreted kernel for several L (1, 7, 37, 70); the interpreter never
     # compiles, so what can be checked here is that the decorator's list reached the kernel object.
     names = _unspecialised(triton_attention._disentangled_fwd)
@@ -167,33 +166,6 @@ def _rotary_checks() -> list[dict[str, Any]]:
     return out
 
 
-# (rows, in features, out features, dtype): masked row, column and K tails, several tiles each way
-# (the base model's 768 x 3072 takes minutes in the interpreter).
-FFN_CASES = [(37, 64, 96, "bfloat16"), (5, 48, 40, "float16"), (70, 256, 640, "bfloat16")]
-
-
-def _ffn_checks() -> list[dict[str, Any]]:
-    """The intermediate dense + exact GELU kernel, both tile configurations, against fp32 torch."""
-    from rex_stream.engine import triton_ffn
-
-    out = []
-    for rows, k, n, dtype_name in FFN_CASES:
-        gen = torch.Generator().manual_seed(rows + k + n)
-        dtype = getattr(torch, dtype_name)
-        linear = torch.nn.Linear(k, n)
-        x = torch.randn(2, rows, k, generator=gen).to(dtype)
-        with torch.no_grad():
-            ref = torch.nn.functional.gelu(torch.nn.functional.linear(x.float(), linear.weight.to(dtype).float(),
-                                                                      linear.bias))
-            for tiles in ("cpu", "cuda"):
-                got = triton_ffn.linear_gelu(x, linear.weight, linear.bias, triton_ffn.KERNEL_CONFIGS[tiles])
-                # one rounding of the fp32 result (the interpreter truncates to bf16: up to one unit)
-                ulps = (got.float() - ref).abs() / ref.abs().clamp_min(2 ** -8)
-                out.append({"case": f"ffn-{rows}x{k}x{n}-{dtype_name}-{tiles}", "shape": list(got.shape),
-                            "dtype": str(got.dtype), "max_rel": float(ulps.max())})
-    return out
-
-
 def _model_checks(tiny: Path) -> dict[str, Any]:
     from rex_stream.engine.fast_attention import layout_allowed
     from rex_stream.engine.model import FUSIONS
@@ -243,8 +215,6 @@ def _model_checks(tiny: Path) -> dict[str, Any]:
         no_fusions = run(fused)
     result["bf16_finite"] = bool(torch.isfinite(all_fusions).all())
     result["fusions_rel_err"] = float((all_fusions - no_fusions).abs()[keep].max() / no_fusions.abs()[keep].max())
-    result["fusions_vs_fp32_rel_err"] = float((all_fusions - ref).abs()[keep].max() / ref.abs()[keep].max())
-    result["no_fusions_vs_fp32_rel_err"] = float((no_fusions - ref).abs()[keep].max() / ref.abs()[keep].max())
     result["status"] = fused.fast_path_status()
     return result
 
@@ -307,14 +277,6 @@ def test_fused_add_layer_norm_matches_torch(kernel_results, rows: int, width: in
     assert row["low_max_ulps"] <= (2 ** -7 if dtype == "bfloat16" else 2 ** -10), row
 
 
-@pytest.mark.parametrize(("rows", "k", "n", "dtype"), FFN_CASES, ids=lambda x: str(x))
-def test_linear_gelu_kernel_matches_torch(kernel_results, rows: int, k: int, n: int, dtype: str) -> None:
-    for tiles in ("cpu", "cuda"):
-        row = kernel_results[f"ffn-{rows}x{k}x{n}-{dtype}-{tiles}"]
-        assert row["shape"] == [2, rows, n] and row["dtype"] == f"torch.{dtype}", row
-        assert row["max_rel"] <= (2 ** -7 if dtype == "bfloat16" else 2 ** -10), row
-
-
 def test_interpreted_kernel_does_not_specialise_on_shapes(kernel_results) -> None:
     row = kernel_results["do_not_specialize"]
     assert len(row["lengths"]) >= 2  # the interpreter ran the same kernel object for these L
@@ -336,7 +298,7 @@ def test_kernel_does_not_specialise_on_shapes() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the interpreter never compiles")
 def test_kernel_compiles_once_across_batch_shapes() -> None:
-    if triton_attention._IMPORT_ERROR is not None or triton_attention.INTERPRET:
+    if triton_attention._IMPORT_ERROR is not None or triton_attention._INTERPRET:
         pytest.skip("needs the compiling triton (not the interpreter)")
     kernel = triton_attention._disentangled_fwd
     caches = getattr(kernel, "device_caches", None)
@@ -376,11 +338,8 @@ def test_model_fusions_run_and_agree(model_results) -> None:
     assert r["fusion_status"]["fusions"] == ["gelu", "head", "rotary"], r["fusion_status"]
     assert r["fusion_status"]["fusion_errors"] == {}  # neither the head nor the rotary kernel fell back
     assert r["status"]["fusions"] == [] and r["status"]["attention_active"] == "triton"
-    # Logits relative to max |logit|. The GELU kernel rounds its output to bf16 once where the unfused
-    # path rounds twice (and the interpreter truncates instead of rounding), so the two bf16 runs
-    # differ at bf16's level; each stays as close to fp32 as the bf16 self-check demands.
-    assert 0 < r["fusions_rel_err"] <= 0.02, r
-    assert r["fusions_vs_fp32_rel_err"] <= 0.02 and r["no_fusions_vs_fp32_rel_err"] <= 0.02, r
+    # Logits relative to max |logit|: the split-bf16 head is ~1e-5 off fp32, the rest ~1e-7 (CPU GELU is erf).
+    assert 0 < r["fusions_rel_err"] <= MODEL_TOL, r["fusions_rel_err"]
 
 
 # ------------------------------------------------------------------ in-process: plumbing, fallbacks
@@ -405,7 +364,7 @@ def model(tiny_model: Path) -> Any:
 
 
 def test_no_cuda_no_interpreter_falls_back(model, tiny_model: Path, monkeypatch) -> None:
-    monkeypatch.setattr(triton_attention, "INTERPRET", False)
+    monkeypatch.setattr(triton_attention, "_INTERPRET", False)
     reason = triton_attention.triton_unavailable_reason("cpu")
     assert reason is not None
     t = _batch()

@@ -19,8 +19,8 @@ is self-checked against the SDPA path on its first batch per (device type, dtype
 it, with one logged warning, on any error or mismatch; ``fast_path_status()`` reports what ran.
 
 On the fused fast path (triton attention, bf16/fp16 compute) three more fusions apply, each
-switchable (``set_fusions``; default "head" and "rotary"): "gelu" (intermediate dense + exact GELU as one
-Triton GEMM, ``triton_ffn``), "head" (ffnq/ffnk as one split-bf16 GEMM with fp32 accumulation: ~2^-16
+switchable (``set_fusions``; default "head" and "rotary"): "gelu" (intermediate dense + GELU as one GEMM with a
+tanh-GELU epilogue), "head" (ffnq/ffnk as one split-bf16 GEMM with fp32 accumulation: ~2^-16
 relative error per product instead of fp32's 2^-24) and "rotary" (one Triton kernel, ``triton_rotary``).
 Elsewhere the span head runs in fp32 (fp64 for an fp64 model); the rotary angles always run in fp32.
 """
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rex_stream.engine import fast_attention, triton_attention, triton_ffn, triton_norm, triton_rotary
+from rex_stream.engine import fast_attention, triton_attention, triton_norm, triton_rotary
 
 if TYPE_CHECKING:
     from rex_stream.engine.weights import ModelConfig
@@ -54,7 +54,9 @@ _LOW_DTYPES = (torch.bfloat16, torch.float16)
 FUSIONS = ("gelu", "head", "rotary")  # what the fused fast path may fuse (RexModel.set_fusions)
 # On by default: both change logits by < 1e-3 against their unfused forms. "gelu" is opt-in: its tanh
 # GELU moved the tiny golden model's max logit error against fp32 to 1.41, above plain bf16's 1.39
-# (H200, 2026-11-29, bench/results/h200-run8), for ~5 % of the kernel time on ner.
+# (H200, 2026-11-29, bench/results/h200-run8), for ~5 % of the kernel time on ner. An exact-erf epilogue
+# in a Triton GEMM (commit 0b7865a) was precise enough (1.24) but its GEMM ran at ~350 TFLOP/s against
+# cuBLAS's > 518, slower than no fusion at all (bench/results/h200-run11-gelu), so it was not kept.
 DEFAULT_FUSIONS = ("head", "rotary")
 _T = TypeVar("_T")
 
@@ -72,6 +74,19 @@ class FastPathMismatch(RuntimeError):
 def _low_dtype(attention: str, compute_dtype: torch.dtype) -> torch.dtype | None:
     """The 16-bit dtype of the fused fast path (triton attention in bf16/fp16), else None."""
     return compute_dtype if attention == "triton" and compute_dtype in _LOW_DTYPES else None
+
+
+def _linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
+    """``gelu(linear(x))`` as one GEMM with a bias + GELU epilogue (cuBLASLt on CUDA).
+
+    Saves the separate bandwidth-bound GELU kernel (~200 µs per layer for a 65k-token batch of the
+    base model on an H200). On CUDA the epilogue is the tanh approximation of GELU: max |erf - tanh|
+    = 4.7e-4 (at x = 2.7, where the bf16 rounding of the output is up to 7.8e-3), well inside the
+    fast path's bf16 error; on CPU torch applies the exact (erf) GELU after the GEMM.
+    """
+    out = torch._addmm_activation(linear.bias.to(x.dtype), x.reshape(-1, x.shape[-1]),
+                                  linear.weight.to(x.dtype).t(), use_gelu=True)
+    return out.view(*x.shape[:-1], -1)
 
 
 def _bf16x3(x: torch.Tensor) -> torch.Tensor:
@@ -169,7 +184,7 @@ class _Layer(nn.Module):
 
         ``attend(q, k, v, pos_q, pos_k)`` returns the [B, L, H*D] context, dead rows already zero;
         ``x_low``, if given, is ``x`` already in the matmul dtype (saves autocast's cast);
-        ``gelu_epilogue`` computes the intermediate with ``triton_ffn.linear_gelu``.
+        ``gelu_epilogue`` computes the intermediate with ``_linear_gelu``.
         """
         inp = x if x_low is None else x_low
         if self.qkv is not None:
@@ -184,8 +199,7 @@ class _Layer(nn.Module):
         ctx = attend(q, k, v, pos_q, pos_k)
         attn, attn_low = self.attention["output"](ctx, x, low)
         inter_in, dense = attn if attn_low is None else attn_low, self.intermediate["dense"]
-        inter = (triton_ffn.linear_gelu(inter_in, dense.weight, dense.bias) if gelu_epilogue
-                 else F.gelu(dense(inter_in)))
+        inter = _linear_gelu(inter_in, dense) if gelu_epilogue else F.gelu(dense(inter_in))
         return self.output(inter, attn, low)
 
 
@@ -446,7 +460,7 @@ class RexModel(nn.Module):
     def set_fusions(self, names: Iterable[str] = DEFAULT_FUSIONS) -> frozenset[str]:
         """Choose the fusions of the fused fast path (triton attention, bf16/fp16); default head and rotary.
 
-        "gelu": intermediate dense + exact GELU in one Triton GEMM (``triton_ffn``); "head": ffnq/ffnk as one
+        "gelu": intermediate dense + GELU in one GEMM (``_linear_gelu``); "head": ffnq/ffnk as one
         split-bf16 GEMM (``_split_bf16_head``); "rotary": the Triton rotary kernel (``triton_rotary``).
         They never apply to other paths, so the exact default path is the same whatever is chosen.
         A head or rotary fusion that fails is switched off with one warning; this call clears that.

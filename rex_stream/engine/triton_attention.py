@@ -47,7 +47,7 @@ except Exception as exc:  # noqa: BLE001  # pragma: no cover - any import failur
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 # Read when the kernel below is decorated, as triton.jit itself does: setting it later has no effect.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
 # Tile configuration per device type. Shared memory on CUDA (bf16, D=64, 2 stages): q 8 KiB +
 # k/v 2 x 2 x 8 KiB = 40 KiB (fp32: 80 KiB), far below the H100's 227 KiB. The CPU entry is for the
@@ -77,7 +77,7 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
     if _IMPORT_ERROR is not None:
         return f"triton unavailable ({_IMPORT_ERROR})"
     device = torch.device(device)
-    if INTERPRET:
+    if _INTERPRET:
         return None  # the interpreter runs any device's tensors (through host copies)
     if device.type != "cuda":
         return (f"the triton attention kernel needs a CUDA device, not {device.type!r} "
@@ -90,7 +90,7 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
 if triton is not None:
 
     @triton.jit
-    def mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
         """a @ b with fp32 accumulation; UPCAST (interpreter only) multiplies fp32 copies instead."""
         if UPCAST:
             return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
@@ -162,7 +162,7 @@ if triton is not None:
 
             kt_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
             kt = tl.load(kt_ptrs, mask=in_n[None, :] & in_d[:, None], other=0.0)
-            qk = mma(q, kt, PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
+            qk = _mma(q, kt, PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
 
             # Relative distance, then the two bias gathers (pointer arithmetic, no L x L tensor).
             d = pos_i[:, None] - pos_j[None, :] + offset
@@ -193,7 +193,7 @@ if triton is not None:
 
             v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
             v = tl.load(v_ptrs, mask=in_n[:, None] & in_d[None, :], other=0.0)
-            acc = acc * alpha[:, None] + mma(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
+            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
             m_i = m_new
 
         # Rows with nothing allowed have acc == 0 and l_i == 0: they store exactly 0.
@@ -231,7 +231,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor
         PRECISION="ieee" if ieee else "tf32",
         # The interpreter's tl.dot is wrong on bf16 operands (triton 3.9: garbage even for one 16x16
         # tile); multiplying fp32 copies of the same bf16 values gives what the GPU's MMA gives.
-        UPCAST_DOT=INTERPRET and q.dtype == torch.bfloat16,
+        UPCAST_DOT=_INTERPRET and q.dtype == torch.bfloat16,
         num_warps=config["num_warps"], num_stages=config["num_stages"],
     )
     return out
