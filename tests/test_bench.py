@@ -101,3 +101,16 @@ def test_broker_path_times_served_workers_through_a_real_broker(kafka_jars: Path
     result = run_worker_path(args, items[:20], items[20:], tmp_path)
     assert result["exit_code"] == 0 and result["seconds"] > 0 and result["msgs_s"] > 0
     assert "--device-server" in result["command"] and "--workers 2" in result["command"]
+
+
+def test_precision_compares_reduced_precision_with_fp32(golden_cases: list[dict], tiny_model: Path) -> None:
+    """`rex_stream.bench.precision` on CPU: bf16 against fp32 on golden cases, with a chosen fusion set."""
+    from rex_stream.bench.precision import compare
+
+    cases = golden_cases[:8]
+    result = compare(str(tiny_model), cases, "cpu", "bf16", fusions=frozenset({"head"}))
+    assert result["cases"] == 8 and result["forwards"] >= 8
+    assert result["fusions"] == ["head"]
+    assert 0 < result["logit_max_abs_error"] < result["logit_rms_fp32"]  # bf16 differs, but far below the logits
+    assert result["identical_outputs"] == round(result["identical_share"] * 8)
+    assert result["flips_within_error"] == (result["flip_max_abs_fp32_logit"] <= result["logit_max_abs_error"])
