@@ -14,5 +14,5 @@ mkdir -p /tmp/kafka-rt && tar -xJf "$runtime" -C /tmp/kafka-rt
 export REX_KAFKA_CACHE=/tmp/kafka-rt/kafka-cache REX_KAFKA_JAVA=/tmp/kafka-rt/jre-min/bin/java
 bp="$py -m rex_stream.bench.broker_path --model $base --workload ner --gpus all --warmup 4000 --partitions 8"
 timeout 300 $bp --messages ${REX_BP_MESSAGES:-40000} --workers ${REX_BP_WORKERS:-4} --device-server \
-    --out "$res/ner-broker-served.json" | grep -E "msgs_s|vs_engine"
+    --log "$res/worker-log-served.jsonl" --out "$res/ner-broker-served.json" | grep -E "msgs_s|vs_engine"
 timeout 220 $bp --messages ${REX_BP_MESSAGES:-40000} --workers 1 --out "$res/ner-broker-one.json" | grep -E "msgs_s|vs_engine"
