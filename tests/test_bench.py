@@ -100,7 +100,18 @@ def test_broker_path_times_served_workers_through_a_real_broker(kafka_jars: Path
     # Raises unless every message (ids 0-79) has a result and the workers stop cleanly.
     result = run_worker_path(args, items[:20], items[20:], tmp_path)
     assert result["exit_code"] == 0 and result["seconds"] > 0 and result["msgs_s"] > 0
+    assert result["steady_msgs_s"] is None or result["steady_msgs_s"] > 0
     assert "--device-server" in result["command"] and "--workers 2" in result["command"]
+
+
+def test_steady_rate_leaves_out_fill_and_drain() -> None:
+    from rex_stream.bench.broker_path import steady_rate
+
+    steady = [5_000.0 + k for k in range(1_000)]  # one result per ms
+    # a slow start (the pipeline filling) and a slow tail do not change it; the whole-run rate would
+    assert steady_rate([0.0] * 50 + steady + [9_000.0 + 10 * k for k in range(50)]) == pytest.approx(1_000, rel=0.01)
+    assert steady_rate([1.0] * 20) is None  # all at once: no span to divide by
+    assert steady_rate([]) is None
 
 
 def test_precision_compares_reduced_precision_with_fp32(golden_cases: list[dict], tiny_model: Path) -> None:

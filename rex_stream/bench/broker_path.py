@@ -7,7 +7,9 @@ engine without Kafka first (one engine process, and the same host/device layout 
 once the workers' group is stable with every worker holding partitions, and after a warm-up whose
 results are awaited, the messages are produced at once, and the rate is their count over the time
 from the first produce to the broker timestamp of the last result (results carry the worker's
-produce time). Every message is checked to have a result.
+produce time). Every message is checked to have a result. A second figure, the steady rate, counts
+only the middle 80 % of the results (``steady_rate``): a short run's rate is pulled down by the
+pipeline's fill and drain, which the engine runs have too, but not at the same size.
 """
 
 from __future__ import annotations
@@ -61,19 +63,30 @@ def _produce(bootstrap: str, topic: str, items: list[tuple[str, dict]], start: i
     return first
 
 
-def _results(consumer: Consumer, ids: set[str], timeout: float, workers: subprocess.Popen) -> float:
-    """Read results until every id in `ids` has one; returns the largest result timestamp (ms)."""
-    last, deadline = 0.0, time.monotonic() + timeout
+def _results(consumer: Consumer, ids: set[str], timeout: float, workers: subprocess.Popen) -> list[float]:
+    """Read results until every id in `ids` has one; returns the sorted timestamps (ms) of their first results."""
+    stamps: dict[str, float] = {}
+    deadline = time.monotonic() + timeout
     while ids and time.monotonic() < deadline:
         if workers.poll() is not None:
             raise RuntimeError(f"the workers exited with {workers.returncode} before all results came")
         for m in consumer.consume(1000, 0.5):
             if m.error() is None:
-                ids.discard(orjson.loads(m.value())["id"])
-                last = max(last, float(m.timestamp()[1]))
+                key = orjson.loads(m.value())["id"]
+                if key in ids:
+                    ids.discard(key)
+                    stamps[key] = float(m.timestamp()[1])
     if ids:
         raise TimeoutError(f"{len(ids)} results missing after {timeout:.0f} s")
-    return last
+    return sorted(stamps.values())
+
+
+def steady_rate(stamps: list[float]) -> float | None:
+    """Results per second between the 10th and the 90th percentile of their timestamps (ms): the
+    rate once the pipeline is full, without its fill at the start and its drain at the end."""
+    low, high = int(len(stamps) * 0.1), int(len(stamps) * 0.9)
+    span = (stamps[high] - stamps[low]) / 1e3 if high < len(stamps) else 0.0
+    return (high - low) / span if span > 0 else None
 
 
 def _wait_for_group(bootstrap: str, group: str, members: int, workers: subprocess.Popen, timeout: float) -> None:
@@ -127,15 +140,16 @@ def run_worker_path(args: argparse.Namespace, warm: list[tuple[str, dict]], item
             _wait_for_group(boot, group, members, proc, args.timeout)
             _say(f"warm-up done ({len(warm)} messages); the group is stable with {members} workers")
             first = _produce(boot, topics["in"], items, len(warm))
-            last = _results(consumer, {str(len(warm) + i) for i in range(len(items))}, args.timeout, proc)
+            stamps = _results(consumer, {str(len(warm) + i) for i in range(len(items))}, args.timeout, proc)
         finally:
             consumer.close()
             proc.send_signal(signal.SIGTERM)
             code = proc.wait(120)
     if code != 0:
         raise RuntimeError(f"the workers exited with {code}: {log.read_text()[-2000:]}")
-    return {"msgs_s": len(items) / ((last - first) / 1e3), "seconds": (last - first) / 1e3, "exit_code": code,
-            "command": " ".join(cmd[1:])}
+    seconds = (stamps[-1] - first) / 1e3
+    return {"msgs_s": len(items) / seconds, "seconds": seconds, "steady_msgs_s": steady_rate(stamps),
+            "exit_code": code, "command": " ".join(cmd[1:])}
 
 
 def main() -> int:
@@ -176,7 +190,7 @@ def main() -> int:
     result = {"workload": args.workload, "messages": args.messages, "layout": {
         "workers": args.workers, "device_server": args.device_server, "gpus": args.gpus, "device": device},
         "engine_one_process_msgs_s": engine["msgs_s"], "engine_same_layout_msgs_s": layout["msgs_s"],
-        "worker_msgs_s": worker["msgs_s"], "worker": worker}
+        "worker_msgs_s": worker["msgs_s"], "worker_steady_msgs_s": worker["steady_msgs_s"], "worker": worker}
     for name, base_run in (("one_process", engine), ("same_layout", layout)):
         if base_run["msgs_s"]:
             result[f"worker_vs_engine_{name}"] = worker["msgs_s"] / base_run["msgs_s"]
