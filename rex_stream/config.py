@@ -101,7 +101,7 @@ class ModelSettings(BaseModel):
 
 
 class BatchSettings(BaseModel):
-    max_messages: int = Field(256, gt=0)
+    max_messages: int = Field(1024, gt=0)
     max_tokens: int = Field(131_072, gt=0, description="estimated level-0 tokens per batch")
     max_wait_ms: int = Field(50, ge=0)
     max_in_flight: int = Field(8, gt=0, description="batches handed to the engine and not finished yet; "
