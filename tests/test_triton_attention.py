@@ -34,7 +34,7 @@ MODEL_TOL = 1e-3  # logits, relative (the flex tests' bound); measured ~1e-6
 KERNEL_CASES = [(length, dim, dtype) for length in (1, 7, 37, 70) for dim in (16, 32) for dtype in ("float32",)]
 KERNEL_CASES += [(37, 24, "float32"), (37, 16, "bfloat16"), (70, 32, "float16")]  # D=24: masked head dim
 TILES = {"cpu": None, "cuda": triton_attention.KERNEL_CONFIGS["cuda"], "odd": {
-    "BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_W": 16, "num_warps": 4, "num_stages": 1}}
+    "BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}}
 
 
 def _case_inputs(length: int, dim: int, dtype: torch.dtype, device: str = "cpu") -> tuple[tuple[Any, ...], torch.Tensor]:
@@ -64,7 +64,7 @@ def _case_inputs(length: int, dim: int, dtype: torch.dtype, device: str = "cpu")
 
 # The kernel's runtime ints that change with the batch shape: specialising on them (value 1, a
 # multiple of 16) would compile a new kernel for many batches. The strides stay specialised.
-SHAPE_INTS = {"B", "H", "L", "R", "offset"}
+SHAPE_INTS = {"B", "H", "L", "R", "RS", "offset"}
 
 
 def _unspecialised(kernel: Any) -> set[str] | None:

@@ -52,17 +52,14 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 # Tile configuration per device type. Shared memory on CUDA (bf16, D=64, 2 stages): q 8 KiB +
 # k/v 2 x 2 x 8 KiB = 40 KiB (fp32: 80 KiB), far below the H100's 227 KiB. The CPU entry is for the
 # interpreter (tests): small tiles, so short sequences still span several tiles in both directions.
-# BLOCK_W: position rows per window of the bias MMAs; a BLOCK_M x BLOCK_N tile of text tokens
-# (consecutive positions) reaches BLOCK_M + BLOCK_N - 1 of them. The CPU entry's small window makes
-# the tests walk several windows per tile.
 KERNEL_CONFIGS: dict[str, dict[str, int]] = {
-    "cuda": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_W": 128, "num_warps": 4, "num_stages": 2},
-    "cpu": {"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_W": 32, "num_warps": 4, "num_stages": 1},
+    "cuda": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "cpu": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
 }
 
 
 # Runtime integers of ``_disentangled_fwd`` that triton must not specialise on (see there).
-DO_NOT_SPECIALIZE = ("B", "H", "L", "R", "offset")
+DO_NOT_SPECIALIZE = ("B", "H", "L", "R", "RS", "offset")
 
 # Row width of the position tables is padded to a multiple of this: the table GEMM's output rows
 # (R = 2L-1 values, odd) would otherwise be misaligned, and cuBLAS then falls back to an old sm75
@@ -117,33 +114,15 @@ if triton is not None:
         valid = tl.load(VALID + index, mask=inside, other=0) != 0
         return pos, group, slot, valid
 
-    @triton.jit
-    def _position_terms(x, TABLE, stride_tr, stride_td, R, lo, dist, offs_d, in_d,
-                        BLOCK_W: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-        """x[a] . TABLE[dist[a, c]] where dist[a, c] lies in [lo, lo + BLOCK_W), else 0 ([A, C], fp32).
-
-        One MMA of x [A, D] against the window's table rows gives every product x[a] . TABLE[r] the
-        tile can ask for; rounded to x's dtype (what a stored table held), they are gathered along r.
-        """
-        rows = lo + tl.arange(0, BLOCK_W)
-        t_ptrs = TABLE + rows[None, :] * stride_tr + offs_d[:, None] * stride_td
-        window_t = tl.load(t_ptrs, mask=(rows < R)[None, :] & in_d[:, None], other=0.0)  # [D, W]
-        window = _mma(x, window_t, PRECISION, UPCAST_DOT).to(x.dtype)  # [A, W]
-        local = dist - lo
-        got = tl.gather(window, tl.minimum(tl.maximum(local, 0), BLOCK_W - 1), 1)
-        return tl.where((local >= 0) & (local < BLOCK_W), got.to(tl.float32), 0.0)
-
     @triton.jit(do_not_specialize=list(DO_NOT_SPECIALIZE))
     def _disentangled_fwd(
-        Q, K, V, PQ, PK, POS, GROUP, SLOT, VALID, LENGTHS, OUT,
+        Q, K, V, C2P, P2C, POS, GROUP, SLOT, VALID, LENGTHS, OUT,
         stride_qb, stride_qh, stride_qm, stride_qd,
         stride_kb, stride_kh, stride_kn, stride_kd,
         stride_vb, stride_vh, stride_vn, stride_vd,
-        stride_pqh, stride_pqr, stride_pqd,
-        stride_pkh, stride_pkr, stride_pkd,
-        B, H, L, R, offset, qk_scale,
+        B, H, L, R, RS, offset, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_W: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
         # One program per (query tile, batch*head); tiles of one (b, h) are adjacent, sharing K/V in L2.
         LOG2E: tl.constexpr = 1.4426950408889634
@@ -165,8 +144,10 @@ if triton is not None:
 
         q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)
-        pos_k = PK + h * stride_pkh
-        pos_q = PQ + h * stride_pqh
+
+        # The [H, B, L, RS] tables are contiguous (R used columns); row i of (b, h) starts at ((h*B + b)*L + i)*RS.
+        table = (h * B + b) * L * RS
+        c2p_rows = C2P + table + offs_m.to(tl.int64)[:, None] * RS
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -179,27 +160,22 @@ if triton is not None:
             in_n = offs_n < length
             pos_j, grp_j, slt_j, val_j = _token_attributes(POS, GROUP, SLOT, VALID, b * L + offs_n, in_n)
 
-            k_ptrs = K + b * stride_kb + h * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
-            k = tl.load(k_ptrs, mask=in_n[:, None] & in_d[None, :], other=0.0)
-            qk = _mma(q, tl.trans(k), PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
+            kt_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            kt = tl.load(kt_ptrs, mask=in_n[None, :] & in_d[:, None], other=0.0)
+            qk = _mma(q, kt, PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
 
-            # Relative distance d_ij, as [queries, keys] and as [keys, queries]. The bias terms
-            # c2p_ij = q_i . pos_k[d_ij] and p2c_ij = k_j . pos_q[d_ij] come from MMAs against the
-            # window of position rows this tile reaches (usually one window of BLOCK_W rows):
-            # no [H, B, L, R] table is written or read.
+            # Relative distance, then the two bias gathers (pointer arithmetic, no L x L tensor).
+            d = pos_i[:, None] - pos_j[None, :] + offset
+            d = tl.minimum(tl.maximum(d, 0), R - 1)
             inside = in_m[:, None] & in_n[None, :]
-            d = tl.minimum(tl.maximum(pos_i[:, None] - pos_j[None, :] + offset, 0), R - 1)
+            c2p = tl.load(c2p_rows + d, mask=inside, other=0.0).to(tl.float32)
+            # P2C is gathered as a [keys, queries] tile and transposed: along the queries (the fast
+            # axis) the entries of one key's row are adjacent (d grows with pos_i), so a warp's loads
+            # share sectors; gathered [queries, keys] they were a table row apart (3.5-8 % slower
+            # attention on an H200, bench/results/h200-run6/tile_sweep_p2c.jsonl).
             d_t = tl.minimum(tl.maximum(pos_i[None, :] - pos_j[:, None] + offset, 0), R - 1)
-            d_lo = tl.min(tl.min(tl.where(inside, d, R), 1), 0)
-            d_hi = tl.max(tl.max(tl.where(inside, d, 0), 1), 0)
-            c2p = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            p2c_t = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            for lo in range(d_lo, d_hi + 1, BLOCK_W):
-                c2p += _position_terms(q, pos_k, stride_pkr, stride_pkd, R, lo, d, offs_d, in_d,
-                                       BLOCK_W, PRECISION, UPCAST_DOT)
-                p2c_t += _position_terms(k, pos_q, stride_pqr, stride_pqd, R, lo, d_t, offs_d, in_d,
-                                         BLOCK_W, PRECISION, UPCAST_DOT)
-            p2c = tl.trans(p2c_t)
+            p2c_ptrs = P2C + table + offs_n.to(tl.int64)[:, None] * RS + d_t
+            p2c = tl.trans(tl.load(p2c_ptrs, mask=in_n[:, None] & in_m[None, :], other=0.0)).to(tl.float32)
 
             other_group = (grp_i[:, None] >= 0) & (grp_j[None, :] >= 0) & (grp_i[:, None] != grp_j[None, :])
             other_type = ((grp_i[:, None] >= 0) & (grp_i[:, None] == grp_j[None, :])
@@ -231,10 +207,10 @@ def _config(device: torch.device, config: dict[str, int] | None) -> dict[str, in
     return dict(config or KERNEL_CONFIGS.get(device.type, KERNEL_CONFIGS["cuda"]))
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
             position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
             lengths: torch.Tensor, offset: int, scale: float, config: dict[str, int], reach: int) -> torch.Tensor:
-    """Run the kernel (position rows [H, rows, D], the first ``reach`` used); returns a new [B, L, H, D] tensor."""
+    """Run the kernel (tables [H, B, L, RS], the first ``reach`` columns used); returns a new [B, L, H, D] tensor."""
     batch, heads, length, dim = q.shape
     out = torch.empty(batch, length, heads, dim, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
@@ -247,12 +223,12 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tens
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
     grid = (triton.cdiv(length, block_m) * batch * heads,)
     _disentangled_fwd[grid](
-        q, k, v, pos_q.to(q.dtype), pos_k.to(q.dtype), position_ids.contiguous(), group.contiguous(),
-        slot.contiguous(), valid, lengths.to(torch.int32).contiguous(), out,
-        *q.stride(), *k.stride(), *v.stride(), *pos_q.stride(), *pos_k.stride(),
-        batch, heads, length, int(reach), int(offset), float(scale) * 1.4426950408889634,
+        q, k, v, c2p, p2c, position_ids.contiguous(), group.contiguous(), slot.contiguous(), valid,
+        lengths.to(torch.int32).contiguous(), out,
+        *q.stride(), *k.stride(), *v.stride(),
+        batch, heads, length, int(reach), c2p.shape[-1], int(offset), float(scale) * 1.4426950408889634,
         HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_W=config["BLOCK_W"], PRECISION="ieee" if ieee else "tf32",
+        PRECISION="ieee" if ieee else "tf32",
         # The interpreter's tl.dot is wrong on bf16 operands (triton 3.9: garbage even for one 16x16
         # tile); multiplying fp32 copies of the same bf16 values gives what the GPU's MMA gives.
         UPCAST_DOT=_INTERPRET and q.dtype == torch.bfloat16,
@@ -265,16 +241,34 @@ if triton is not None:
     # Inside a torch.compile-d encoder the launch is an opaque custom op (eager calls skip the op
     # dispatcher's overhead and call _launch directly). The default tile configuration applies.
     @torch.library.custom_op("rex_stream::disentangled_attention", mutates_args=())
-    def _launch_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
+    def _launch_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
                    position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
                    lengths: torch.Tensor, offset: int, scale: float, reach: int) -> torch.Tensor:
-        return _launch(q, k, v, pos_q, pos_k, position_ids, group, slot, valid, lengths, offset, scale,
+        return _launch(q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths, offset, scale,
                        _config(q.device, None), reach)
 
     @_launch_op.register_fake
     def _(q: torch.Tensor, *args: Any) -> torch.Tensor:
         batch, heads, length, dim = q.shape
         return q.new_empty(batch, length, heads, dim)
+
+
+def _aligned(pos: torch.Tensor) -> torch.Tensor:
+    """``pos`` [H, R, D] with zero rows appended up to a multiple of ``TABLE_ALIGN`` (a tiny copy)."""
+    extra = aligned_rows(pos.shape[-2]) - pos.shape[-2]
+    return torch.nn.functional.pad(pos, (0, 0, 0, extra)) if extra else pos
+
+
+def _table(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+    """[H, B, L, R] = x @ pos^T per head, as one bmm of H tall GEMMs.
+
+    For the model's projections ([B, L, n*hidden] outputs viewed as [B, H, L, D]) the head-major
+    [H, B*L, D] view needs no copy; broadcasting x @ pos^T over the batch instead ran B*H small
+    GEMMs on an old kernel plus a copy of x (~14% of GPU time on ner, measured on an H100).
+    """
+    batch, heads, length, dim = x.shape
+    flat = x.permute(1, 0, 2, 3).reshape(heads, batch * length, dim)
+    return torch.bmm(flat, pos.transpose(-1, -2)).view(heads, batch, length, -1)
 
 
 def disentangled_attention(
@@ -285,18 +279,20 @@ def disentangled_attention(
 ) -> torch.Tensor:
     """Attention context [B, L, H*D] (q's dtype) of the disentangled attention, fused.
 
-    q, k, v: [B, H, L, D] (any strides); pos_q, pos_k: [H, R, D] (any strides) reachable rows of the
-    pre-scaled relative projections; position_ids, group, slot: [B, L] int64 (-1: none); valid:
-    [B, L] bool; lengths: [B] int, at least last valid index + 1 per row; ``offset = S - lo``.
-    ``config`` overrides the tile configuration of ``KERNEL_CONFIGS``. ``reach``: how many of the
-    position rows are reachable (default: all); rows beyond it are never read.
+    q, k, v: [B, H, L, D] (any strides); pos_q, pos_k: [H, R, D] reachable rows of the pre-scaled
+    relative projections; position_ids, group, slot: [B, L] int64 (-1: none); valid: [B, L] bool;
+    lengths: [B] int, at least last valid index + 1 per row; ``offset = S - lo``. ``config``
+    overrides the tile configuration of ``KERNEL_CONFIGS``. ``reach``: how many of the tables' rows
+    are reachable (default: all). Tables whose row count is already a multiple of ``TABLE_ALIGN``
+    (the model's cached tables carry spare rows for this) are used without a padded copy.
     """
     reason = triton_unavailable_reason(q.device)
     if reason is not None:
         raise RuntimeError(reason)
     batch, heads, length, dim = q.shape
     reach = pos_k.shape[-2] if reach is None else reach
-    tensors = (q, k, v, pos_q, pos_k, position_ids, group, slot, valid, lengths)
+    c2p, p2c = _table(q, _aligned(pos_k)), _table(k, _aligned(pos_q))
+    tensors = (q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths)
     if torch.compiler.is_compiling():
         out = _launch_op(*tensors, int(offset), float(scale), reach)
     else:
