@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import uuid
+from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
 from typing import Any
 
@@ -99,8 +100,10 @@ def _wait_for_group(bootstrap: str, group: str, members: int, workers: subproces
             raise RuntimeError(f"the workers exited with {workers.returncode} before their group formed")
         try:
             described = admin.describe_consumer_groups([group])[group].result(10)
-        except KafkaException:
-            described = None  # the group does not exist yet
+        except (KafkaException, FutureTimeout):
+            # The group does not exist yet, or its coordinator is not ready (on a fresh broker the
+            # offsets topic is created on first use, which took over 10 s on a loaded 2-core box).
+            described = None
         if described is not None and described.state == ConsumerGroupState.STABLE and \
                 len(described.members) == members and \
                 all(m.assignment.topic_partitions for m in described.members):
