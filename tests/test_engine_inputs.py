@@ -122,6 +122,31 @@ def test_bad_requests_have_clear_errors(text, schema, code):
     assert err.value.code == code and str(err.value)
 
 
+def test_schema_verdicts_are_cached_per_schema_and_limits():
+    """A stream repeats schemas, so their verdict is cached; it must follow the limits it was made
+    under, raise afresh every time, and hold for schemas too large to cache as well."""
+    three = {"a": None, "b": {"c": None}}
+    assert validate("x", three, Limits()).schema == three
+    for _ in range(2):  # the cached verdict: a new error each time, with the same code
+        with pytest.raises(RequestError) as err:
+            validate("x", three, Limits(max_schema_types=2))
+        assert err.value.code == "schema_too_large"
+    assert validate("x", three, Limits()).schema == three  # the other limits' verdict is kept apart
+    big = {f"type-{i:04d}-{'x' * 24}": None for i in range(600)}  # ~22 KB serialised: not cached
+    assert validate("x", big, Limits()).schema == big
+    with pytest.raises(RequestError, match="more than 500 types"):
+        validate("x", big, Limits(max_schema_types=500))
+    with pytest.raises(RequestError) as err:  # a Python caller's non-JSON schema is refused, not a crash
+        validate("x", {1: None}, Limits())
+    assert err.value.code == "bad_schema"
+    deep: dict = {"leaf": None}
+    for _ in range(300):  # deeper than orjson serialises: still refused as too deep
+        deep = {"t": deep}
+    with pytest.raises(RequestError) as err:
+        validate("x", deep, Limits())
+    assert err.value.code == "schema_too_deep"
+
+
 def test_empty_text_is_allowed_in_reference_mode():
     assert validate("", {"a": None}, Limits(allow_empty_text=True)).text == ""
 

@@ -6,6 +6,7 @@ and turn malformed input into an error record or a dead letter instead of a cras
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,14 +66,44 @@ def validate(text: Any, schema: Any, limits: Limits = Limits()) -> Request:
     schema = parse_schema(schema)
     if not schema:
         raise RequestError("bad_schema", "schema is empty")
-    _check_schema(schema, limits, depth=1, seen=[0])
+    try:
+        key = orjson.dumps(schema)
+    except orjson.JSONEncodeError as exc:  # nested beyond orjson's limit, or a Python caller's non-JSON
+        problem = _walk_schema(schema, limits) or ("bad_schema", f"schema is not JSON-serialisable: {exc}")
+    else:
+        problem = _schema_problem(key, limits) if len(key) <= _CACHED_SCHEMA_BYTES else _walk_schema(schema, limits)
+    if problem is not None:
+        raise RequestError(*problem)
     return Request(text=text, schema=schema)
+
+
+# Schemas up to this size (serialised) have their verdict cached: a stream repeats a few schemas,
+# and walking one costs ~1 µs per type in Python. Decoding 20,000 NER messages took 23.2 µs each
+# without the cache and 11.4 with it (mix: 58.0 and 33.4), same process, on the 2-core CI host.
+_CACHED_SCHEMA_BYTES = 16_384
+
+
+@functools.lru_cache(maxsize=1024)
+def _schema_problem(key: bytes, limits: Limits) -> tuple[str, str] | None:
+    """`_walk_schema` of the schema serialised as `key` (its cache)."""
+    return _walk_schema(orjson.loads(key), limits)
+
+
+def _walk_schema(schema: dict[str, Any], limits: Limits) -> tuple[str, str] | None:
+    """(code, reason) of the first limit the schema breaks, or None."""
+    try:
+        _check_schema(schema, limits, depth=1, seen=[0])
+    except RequestError as exc:
+        return exc.code, str(exc)
+    return None
 
 
 def _check_schema(node: dict[str, Any], limits: Limits, depth: int, seen: list[int]) -> None:
     if depth > limits.max_schema_depth:
         raise RequestError("schema_too_deep", f"schema is deeper than {limits.max_schema_depth} levels")
     for name, child in node.items():
+        if not isinstance(name, str):
+            raise RequestError("bad_schema", f"type names must be strings, got {type(name).__name__}")
         seen[0] += 1
         if seen[0] > limits.max_schema_types:
             raise RequestError("schema_too_large", f"schema has more than {limits.max_schema_types} types")
