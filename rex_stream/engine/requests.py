@@ -69,10 +69,11 @@ def validate(text: Any, schema: Any, limits: Limits = Limits()) -> Request:
     try:
         key = orjson.dumps(schema)
     except orjson.JSONEncodeError as exc:  # nested beyond orjson's limit, or a Python caller's non-JSON
-        problem = _walk_schema(schema, limits) or ("bad_schema", f"schema is not JSON-serialisable: {exc}")
-    else:
-        problem = _schema_problem(key, limits) if len(key) <= _CACHED_SCHEMA_BYTES else _walk_schema(schema, limits)
-    if problem is not None:
+        _check_schema(schema, limits, depth=1, seen=[0])  # a schema too deep is refused as such
+        raise RequestError("bad_schema", f"schema is not JSON-serialisable: {exc}") from None
+    if len(key) > _CACHED_SCHEMA_BYTES:
+        _check_schema(schema, limits, depth=1, seen=[0])
+    elif (problem := _schema_problem(key, limits)) is not None:
         raise RequestError(*problem)
     return Request(text=text, schema=schema)
 
@@ -85,14 +86,10 @@ _CACHED_SCHEMA_BYTES = 16_384
 
 @functools.lru_cache(maxsize=1024)
 def _schema_problem(key: bytes, limits: Limits) -> tuple[str, str] | None:
-    """`_walk_schema` of the schema serialised as `key` (its cache)."""
-    return _walk_schema(orjson.loads(key), limits)
-
-
-def _walk_schema(schema: dict[str, Any], limits: Limits) -> tuple[str, str] | None:
-    """(code, reason) of the first limit the schema breaks, or None."""
+    """(code, reason) of the first limit the schema serialised as `key` breaks, or None (cached, so
+    the verdict is kept rather than an exception object, which would be raised again and again)."""
     try:
-        _check_schema(schema, limits, depth=1, seen=[0])
+        _check_schema(orjson.loads(key), limits, depth=1, seen=[0])
     except RequestError as exc:
         return exc.code, str(exc)
     return None
