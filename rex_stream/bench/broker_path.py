@@ -1,7 +1,7 @@
 """The stream worker's end-to-end rate through a real Kafka broker, against the bare engine.
 
-`python -m rex_stream.bench.broker_path --model DIR --workload ner --messages 20000 --gpus 0
---workers-per-gpu 4 --device-server --out FILE` starts a local broker (`devbroker`), measures the
+`python -m rex_stream.bench.broker_path --model DIR --workload ner --messages 20000 --gpus all
+--workers 4 --device-server --out FILE` starts a local broker (`devbroker`), measures the
 engine without Kafka first (one engine process, and the same host/device layout as the workers,
 `multiproc.measure`), then runs `rex-stream run` with the given layout and times it end to end:
 once the workers' group is stable with every worker holding partitions, and after a warm-up whose
