@@ -1,0 +1,99 @@
+"""Attention kernel A/B, same process, same card: `python bench/attention_ab.py PREVIOUS.py MODEL_DIR [N]`.
+
+PREVIOUS.py is an earlier `rex_stream/engine/triton_attention.py` (e.g. `git show REV:rex_stream/
+engine/triton_attention.py > prev.py`); its `_launch` is swapped in for the current one. Prints JSON
+lines:
+
+1. per synthetic bf16 batch of the base model (rows x padded length): the whole
+   `disentangled_attention` (tables + kernel) with the previous and the current kernel at a few
+   head-group sizes, median ms (`triton.testing.do_bench`);
+2. per workload (ner: N messages, default 20,000; re: N / 2; mix: N / 10): the engine (bf16, default
+   fusions) with each kernel: messages/s of two passes, the summed GPU kernel time of a profiled pass
+   per 1,000 messages, and the max |logit| difference between the kernels on one batch.
+"""
+import importlib.util
+import json
+import sys
+
+import torch
+import triton.testing
+from torch.profiler import ProfilerActivity, profile
+
+from rex_stream.bench.worker_path import run_engine
+from rex_stream.bench.workloads import load_workload
+from rex_stream.engine import triton_attention as current
+from rex_stream.engine.engine import Engine
+from rex_stream.engine.fast_attention import synthetic_batch
+from rex_stream.engine.recursion import solve
+
+spec = importlib.util.spec_from_file_location("previous_attention", sys.argv[1])
+previous = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(previous)
+KERNELS = {"previous": previous._launch, "current": current._launch}
+
+
+def use(kernel: str) -> None:
+    current._launch = KERNELS[kernel]
+
+
+def micro() -> None:
+    heads, dim, span = 12, 64, 256
+    device = torch.device("cuda")
+    variants = [("previous", None)] + [("current", dict(current.KERNEL_CONFIGS["cuda"], HEADS=h, num_stages=st))
+                                       for h in (1, 4, 12) for st in (1, 2)]
+    for batch, length in [(1024, 64), (768, 80), (512, 128), (256, 256), (96, 512)]:
+        t = {k: v.to(device) for k, v in synthetic_batch(batch, length, torch.device("cpu"), seed=1).items()}
+        lo, hi = max(0, span - length + 1), min(2 * span, span + length)
+        qkv = torch.randn(batch, length, 3, heads, dim, device=device, dtype=torch.bfloat16)
+        q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
+        pos_q, pos_k = (torch.randn(heads, hi - lo, dim, device=device, dtype=torch.bfloat16) for _ in range(2))
+        index = torch.arange(1, length + 1, device=device, dtype=torch.int32)
+        lengths = torch.where(t["valid"], index, 0).amax(-1)
+        args = (q, k, v, pos_q, pos_k, t["pos"], t["group"], t["slot"], t["valid"], lengths, span - lo, 0.125)
+        use("previous")
+        ref = current.disentangled_attention(*args).float()
+        base = None
+        for kernel, config in variants:
+            use(kernel)
+            got = current.disentangled_attention(*args, config=config).float()
+            ms = triton.testing.do_bench(lambda: current.disentangled_attention(*args, config=config),
+                                         warmup=25, rep=200)
+            base = base or ms
+            print(json.dumps({"shape": [batch, length], "kernel": kernel, "config": config, "ms": round(ms, 4),
+                              "speedup": round(base / ms, 3), "max_diff": float((got - ref).abs().max())}),
+                  flush=True)
+    use("current")
+
+
+def engine_ab(model: str, count: int) -> None:
+    engine = Engine(model, device="cuda", dtype="bf16", batch_tokens=65536, attention="triton")
+    for workload, n in (("ner", count), ("re", count // 2), ("mix", count // 10)):
+        items = load_workload(workload, None, n)
+        forwards = [f for text, schema in items[:400] for f in next(solve(engine.tokenizer, text, schema), [])][:300]
+        batch = engine.runner.tensors(forwards)
+        keep = batch["valid"][:, :, None] & batch["valid"][:, None, :]
+        engine.infer(items[:2048])  # warm-up: the kernels compile here
+        logits = {}
+        for kernel in ("previous", "current", "previous", "current"):
+            use(kernel)
+            logits[kernel] = engine.runner.logits(batch)
+            engine.infer(items[:1024])
+            rates = [round(run_engine(engine, items, len(items)), 1) for _ in range(2)]
+            profiled = min(4096, len(items))
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                engine.infer(items[:profiled])
+                torch.cuda.synchronize()
+            events = prof.key_averages()
+            kernel_ms = sum(e.self_device_time_total for e in events) / 1e3
+            attention_ms = sum(e.self_device_time_total for e in events if e.key == "_disentangled_fwd") / 1e3
+            print(json.dumps({"workload": workload, "kernel": kernel, "messages": len(items), "msgs_s": rates,
+                              "kernel_ms_per_1000_msgs": round(kernel_ms * 1000 / profiled, 2),
+                              "attention_ms_per_1000_msgs": round(attention_ms * 1000 / profiled, 2),
+                              "max_abs_logit_diff": float((logits[kernel] - logits["previous"]).abs()[keep].max())}),
+                  flush=True)
+    use("current")
+
+
+if __name__ == "__main__":
+    micro()
+    engine_ab(sys.argv[2], int(sys.argv[3]) if len(sys.argv) > 3 else 20_000)
