@@ -17,9 +17,6 @@ and one flash-attention style kernel computes, per (batch b, head h) and query t
 gathering the two bias scalars by pointer arithmetic, masking with the prompt-isolation rule of
 ``fast_attention.layout_allowed`` evaluated from the [B, L] ``group``/``slot``/``valid`` vectors,
 and running an online softmax in fp32. A row with no allowed key (padding) comes out exactly 0.
-One program runs a query tile of one row for several heads: the first key tile's distances, gather
-offsets and mask are the same for every head, so they are computed once (1.21x on a 1024 x 64
-bf16 batch of the base model on an H200, tables included; ``bench/results/h200-run12-attention``).
 The output is written as [B, L, H, D], i.e. ready to be viewed as the [B, L, H*D] layer input.
 
 Per batch row only the first ``lengths[b]`` keys are visited, and query tiles starting at or
@@ -33,7 +30,6 @@ imported (slow; for tests).
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any
 
@@ -53,14 +49,12 @@ except Exception as exc:  # noqa: BLE001  # pragma: no cover - any import failur
 # Read when the kernel below is decorated, as triton.jit itself does: setting it later has no effect.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
-# Tile configuration per device type; HEADS is how many heads one program runs (the greatest
-# common divisor with the model's head count is used). Shared memory on CUDA (bf16, D=64, 2 stages):
-# q 8 KiB + k/v 2 x 2 x 8 KiB = 40 KiB (fp32: 80 KiB), far below the H100's 227 KiB. The CPU entry
-# is for the interpreter (tests): small tiles, so short sequences still span several tiles in both
-# directions, and two heads per program.
+# Tile configuration per device type. Shared memory on CUDA (bf16, D=64, 2 stages): q 8 KiB +
+# k/v 2 x 2 x 8 KiB = 40 KiB (fp32: 80 KiB), far below the H100's 227 KiB. The CPU entry is for the
+# interpreter (tests): small tiles, so short sequences still span several tiles in both directions.
 KERNEL_CONFIGS: dict[str, dict[str, int]] = {
-    "cuda": {"BLOCK_M": 64, "BLOCK_N": 64, "HEADS": 12, "num_warps": 4, "num_stages": 2},
-    "cpu": {"BLOCK_M": 32, "BLOCK_N": 16, "HEADS": 2, "num_warps": 4, "num_stages": 1},
+    "cuda": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
+    "cpu": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
 }
 
 
@@ -120,56 +114,6 @@ if triton is not None:
         valid = tl.load(VALID + index, mask=inside, other=0) != 0
         return pos, group, slot, valid
 
-    @triton.jit
-    def _tile_terms(POS, GROUP, SLOT, VALID, b, L, R, RS, offset, start_n, length,
-                    offs_m, in_m, pos_i, grp_i, slt_i, val_i, BLOCK_N: tl.constexpr):
-        """What one key tile needs from the row alone (the same for every head).
-
-        The two bias gathers' offsets into a (b, h) table, C2P as [queries, keys] and P2C as [keys,
-        queries], and the prompt-isolation mask as an additive 0 / -inf term.
-        """
-        offs_n = start_n + tl.arange(0, BLOCK_N)
-        in_n = offs_n < length
-        pos_j, grp_j, slt_j, val_j = _token_attributes(POS, GROUP, SLOT, VALID, b * L + offs_n, in_n)
-        # Relative distance, clamped to the table (pointer arithmetic, no L x L tensor).
-        d = tl.minimum(tl.maximum(pos_i[:, None] - pos_j[None, :] + offset, 0), R - 1)
-        c2p_off = offs_m[:, None] * RS + d
-        # P2C is gathered as a [keys, queries] tile and transposed: along the queries (the fast
-        # axis) the entries of one key's row are adjacent (d grows with pos_i), so a warp's loads
-        # share sectors; gathered [queries, keys] they were a table row apart (3.5-8 % slower
-        # attention on an H200, bench/results/h200-run6/tile_sweep_p2c.jsonl).
-        d_t = tl.minimum(tl.maximum(pos_i[None, :] - pos_j[:, None] + offset, 0), R - 1)
-        p2c_off = offs_n[:, None] * RS + d_t
-        other_group = (grp_i[:, None] >= 0) & (grp_j[None, :] >= 0) & (grp_i[:, None] != grp_j[None, :])
-        other_type = ((grp_i[:, None] >= 0) & (grp_i[:, None] == grp_j[None, :])
-                      & (slt_i[:, None] >= 0) & (slt_j[None, :] >= 0) & (slt_i[:, None] != slt_j[None, :]))
-        allowed = (in_m[:, None] & in_n[None, :] & val_i[:, None] & val_j[None, :]
-                   & ~other_group & ~other_type)
-        return offs_n, in_n, c2p_off, p2c_off, tl.where(allowed, 0.0, float("-inf"))
-
-    @triton.jit
-    def _tile_step(q, K, V, C2P, P2C, k_base, v_base, table, offs_n, in_n, c2p_off, p2c_off, mask,
-                   in_m, offs_d, in_d, m_i, l_i, acc, qk_scale,
-                   stride_kn, stride_kd, stride_vn, stride_vd,
-                   PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
-        """One key tile of one head: scores, online-softmax update; returns (m_i, l_i, acc)."""
-        LOG2E: tl.constexpr = 1.4426950408889634
-        kt = tl.load(K + k_base + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                     mask=in_n[None, :] & in_d[:, None], other=0.0)
-        qk = _mma(q, kt, PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
-        c2p = tl.load(C2P + table + c2p_off, mask=in_m[:, None] & in_n[None, :], other=0.0).to(tl.float32)
-        p2c = tl.trans(tl.load(P2C + table + p2c_off, mask=in_n[:, None] & in_m[None, :], other=0.0))
-        # Scores in log2 units: exp2(x * log2 e) == exp(x); a disallowed pair's mask term is -inf.
-        s = qk * qk_scale + (c2p + p2c.to(tl.float32)) * LOG2E + mask
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: avoid -inf - -inf
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        v = tl.load(V + v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=in_n[:, None] & in_d[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
-        return m_new, l_i * alpha + tl.sum(p, 1), acc
-
     @triton.jit(do_not_specialize=list(DO_NOT_SPECIALIZE))
     def _disentangled_fwd(
         Q, K, V, C2P, P2C, POS, GROUP, SLOT, VALID, LENGTHS, OUT,
@@ -178,56 +122,85 @@ if triton is not None:
         stride_vb, stride_vh, stride_vn, stride_vd,
         B, H, L, R, RS, offset, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        HEADS: tl.constexpr, PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
-        # One program per (query tile, batch row, group of HEADS heads; HEADS divides H). The first
-        # key tile's distances, offsets and mask depend on the row only: they are computed once and
-        # used by every head of the group (most ner rows fit one key tile); later tiles recompute them.
+        # One program per (query tile, batch*head); tiles of one (b, h) are adjacent, sharing K/V in L2.
+        LOG2E: tl.constexpr = 1.4426950408889634
         num_m = tl.cdiv(L, BLOCK_M)
         pid = tl.program_id(0)
         pid_m = pid % num_m
-        rest = pid // num_m
-        h0 = (rest % (H // HEADS)) * HEADS
-        b = (rest // (H // HEADS)).to(tl.int64)
-        # A query tile entirely beyond the row's length visits no key and stores zeros.
+        pid_bh = pid // num_m
+        b = (pid_bh // H).to(tl.int64)
+        h = (pid_bh % H).to(tl.int64)
         length = tl.load(LENGTHS + b)
-        length = tl.where(pid_m * BLOCK_M < length, length, 0)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_m = offs_m < L
         in_d = offs_d < HEAD_DIM
+
         # Per-query-token attributes (the [B, L] vectors are contiguous).
         pos_i, grp_i, slt_i, val_i = _token_attributes(POS, GROUP, SLOT, VALID, b * L + offs_m, in_m)
-        offs_n0, in_n0, c2p_off0, p2c_off0, mask0 = _tile_terms(POS, GROUP, SLOT, VALID, b, L, R, RS, offset, 0, length,
-                            offs_m, in_m, pos_i, grp_i, slt_i, val_i, BLOCK_N)
 
-        for hh in range(HEADS):
-            h = (h0 + hh).to(tl.int64)
-            q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                        mask=in_m[:, None] & in_d[None, :], other=0.0)
-            k_base, v_base = b * stride_kb + h * stride_kh, b * stride_vb + h * stride_vh
-            # The [H, B, L, RS] tables are contiguous (R used columns); row i of (b, h) starts at ((h*B + b)*L + i)*RS.
-            table = (h * B + b) * L * RS
-            m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-            l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-            acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-            m_i, l_i, acc = _tile_step(q, K, V, C2P, P2C, k_base, v_base, table, offs_n0, in_n0, c2p_off0, p2c_off0,
-                                       mask0, in_m, offs_d, in_d, m_i, l_i, acc, qk_scale,
-                                       stride_kn, stride_kd, stride_vn, stride_vd, PRECISION, UPCAST_DOT)
-            for start_n in range(BLOCK_N, length, BLOCK_N):
-                offs_n, in_n, c2p_off, p2c_off, mask = _tile_terms(
-                    POS, GROUP, SLOT, VALID, b, L, R, RS, offset, start_n, length,
-                    offs_m, in_m, pos_i, grp_i, slt_i, val_i, BLOCK_N)
-                m_i, l_i, acc = _tile_step(q, K, V, C2P, P2C, k_base, v_base, table, offs_n, in_n, c2p_off, p2c_off,
-                                           mask, in_m, offs_d, in_d,
-                                           m_i, l_i, acc, qk_scale, stride_kn, stride_kd, stride_vn, stride_vd,
-                                           PRECISION, UPCAST_DOT)
-            # Rows with nothing allowed have acc == 0 and l_i == 0: they store exactly 0.
-            out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-            # OUT is [B, L, H, D] contiguous.
-            o_ptrs = OUT + ((b * L + offs_m.to(tl.int64)[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
-            tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
+        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)
+
+        # The [H, B, L, RS] tables are contiguous (R used columns); row i of (b, h) starts at ((h*B + b)*L + i)*RS.
+        table = (h * B + b) * L * RS
+        c2p_rows = C2P + table + offs_m.to(tl.int64)[:, None] * RS
+
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+        # A query tile entirely beyond the row's length visits no key tile and stores zeros.
+        n_end = tl.where(pid_m * BLOCK_M < length, length, 0)
+        for start_n in range(0, n_end, BLOCK_N):
+            offs_n = start_n + tl.arange(0, BLOCK_N)
+            in_n = offs_n < length
+            pos_j, grp_j, slt_j, val_j = _token_attributes(POS, GROUP, SLOT, VALID, b * L + offs_n, in_n)
+
+            kt_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            kt = tl.load(kt_ptrs, mask=in_n[None, :] & in_d[:, None], other=0.0)
+            qk = _mma(q, kt, PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
+
+            # Relative distance, then the two bias gathers (pointer arithmetic, no L x L tensor).
+            d = pos_i[:, None] - pos_j[None, :] + offset
+            d = tl.minimum(tl.maximum(d, 0), R - 1)
+            inside = in_m[:, None] & in_n[None, :]
+            c2p = tl.load(c2p_rows + d, mask=inside, other=0.0).to(tl.float32)
+            # P2C is gathered as a [keys, queries] tile and transposed: along the queries (the fast
+            # axis) the entries of one key's row are adjacent (d grows with pos_i), so a warp's loads
+            # share sectors; gathered [queries, keys] they were a table row apart (3.5-8 % slower
+            # attention on an H200, bench/results/h200-run6/tile_sweep_p2c.jsonl).
+            d_t = tl.minimum(tl.maximum(pos_i[None, :] - pos_j[:, None] + offset, 0), R - 1)
+            p2c_ptrs = P2C + table + offs_n.to(tl.int64)[:, None] * RS + d_t
+            p2c = tl.trans(tl.load(p2c_ptrs, mask=in_n[:, None] & in_m[None, :], other=0.0)).to(tl.float32)
+
+            other_group = (grp_i[:, None] >= 0) & (grp_j[None, :] >= 0) & (grp_i[:, None] != grp_j[None, :])
+            other_type = ((grp_i[:, None] >= 0) & (grp_i[:, None] == grp_j[None, :])
+                          & (slt_i[:, None] >= 0) & (slt_j[None, :] >= 0) & (slt_i[:, None] != slt_j[None, :]))
+            allowed = inside & val_i[:, None] & val_j[None, :] & ~other_group & ~other_type
+
+            # Scores in log2 units: exp2(x * log2 e) == exp(x).
+            s = qk * qk_scale + (c2p + p2c) * LOG2E
+            s = tl.where(allowed, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: avoid -inf - -inf
+            alpha = tl.exp2(m_i - m_use)
+            p = tl.exp2(s - m_use[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+
+            v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            v = tl.load(v_ptrs, mask=in_n[:, None] & in_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
+            m_i = m_new
+
+        # Rows with nothing allowed have acc == 0 and l_i == 0: they store exactly 0.
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        # OUT is [B, L, H, D] contiguous.
+        o_ptrs = OUT + ((b * L + offs_m.to(tl.int64)[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+        tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
 
 
 def _config(device: torch.device, config: dict[str, int] | None) -> dict[str, int]:
@@ -248,15 +221,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor
     # cores); for 16-bit inputs "tf32" is triton's default and means nothing.
     ieee = q.dtype == torch.float32 and not (q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-    per_program = math.gcd(config.get("HEADS", 1), heads)
-    grid = (triton.cdiv(length, block_m) * batch * (heads // per_program),)
+    grid = (triton.cdiv(length, block_m) * batch * heads,)
     _disentangled_fwd[grid](
         q, k, v, c2p, p2c, position_ids.contiguous(), group.contiguous(), slot.contiguous(), valid,
         lengths.to(torch.int32).contiguous(), out,
         *q.stride(), *k.stride(), *v.stride(),
         batch, heads, length, int(reach), c2p.shape[-1], int(offset), float(scale) * 1.4426950408889634,
         HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
-        HEADS=per_program, PRECISION="ieee" if ieee else "tf32",
+        PRECISION="ieee" if ieee else "tf32",
         # The interpreter's tl.dot is wrong on bf16 operands (triton 3.9: garbage even for one 16x16
         # tile); multiplying fp32 copies of the same bf16 values gives what the GPU's MMA gives.
         UPCAST_DOT=_INTERPRET and q.dtype == torch.bfloat16,
