@@ -236,3 +236,16 @@ def test_leaf_paths_are_exactly_the_root_to_leaf_type_paths(shared_dir: Path) ->
             assert all(is_leaf_path(schema, p) for p in paths)
             inner = {p[:k] for p in paths for k in range(len(p))} - paths  # proper prefixes: inner nodes
             assert not any(is_leaf_path(schema, p) for p in inner)
+
+
+def test_vectorised_confidences_equal_the_per_hit_rule():
+    """`decode._confidences` gives exactly `_confidence` of each triple (float32 sums, Python rounding)."""
+    from rex_stream.engine.decode import _confidence, _confidences
+
+    rng = np.random.default_rng(5)
+    for dtype in (np.float32, np.float64):
+        a, b, c = (rng.uniform(-1.0, 1.0, 20_000).astype(dtype) for _ in range(3))
+        # Values near a rounding boundary of the fourth decimal as well as generic ones.
+        a[:2000] = np.round(a[:2000], 4) + dtype(5e-5)
+        want = [_confidence(x, y, z) for x, y, z in zip(a, b, c)]
+        assert _confidences(a, b, c) == want
