@@ -21,7 +21,7 @@ n=$(nvidia-smi -L | wc -l)
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
 bash bench/device_prologue.sh "$res"
 if [[ $steps == *scaling* ]]; then
-    mp="$py -m rex_stream.bench.multiproc --model $base --batch-tokens 131072 --attention triton --chunk 1000000 --gpus $n"
+    mp="$py -m rex_stream.bench.multiproc --model $base --batch-tokens 131072 --attention triton --chunk 1000000 --warmup 2048 --gpus $n"
     for p in 1 "$n"; do
         timeout 120 $mp --workload ner --messages $((${REX_MG_NER:-40000} * p)) --procs $p --out "$res/ner-scaling-$p.json" | grep -E '"msgs_s"'
         timeout 120 $mp --workload mix --messages $((${REX_MG_MIX:-3000} * p)) --procs $p --out "$res/mix-scaling-$p.json" | grep -E '"msgs_s"'

@@ -125,3 +125,34 @@ def test_precision_compares_reduced_precision_with_fp32(golden_cases: list[dict]
     assert 0 < result["logit_max_abs_error"] < result["logit_rms_fp32"]  # bf16 differs, but far below the logits
     assert result["identical_outputs"] == round(result["identical_share"] * 8)
     assert result["flips_within_error"] == (result["flip_max_abs_fp32_logit"] <= result["logit_max_abs_error"])
+
+
+def test_multiproc_runs_every_message_once_per_layout(shared_dir: Path, tiny_model: Path) -> None:
+    from rex_stream.bench.multiproc import measure
+
+    args = {"model": str(tiny_model), "workload": "ner", "messages": 40, "device": "cpu", "dtype": "fp32",
+            "batch_tokens": 8192, "chunk": 16, "gpus": 1, "attention": "sdpa", "device_server": False,
+            "warmup": 4, "shared": str(shared_dir)}
+    row = measure(2, args)
+    # The two processes split the 40 messages (every other one each); ner is one forward per message.
+    assert row["procs"] == 2 and row["messages"] == 40 and row["forwards"] >= 40
+    assert row["seconds"] > 0 and row["msgs_s"] == pytest.approx(40 / row["seconds"])
+
+
+@pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
+def test_dataparallel_baseline_keeps_the_engine_outputs(golden_cases: list[dict], tiny_model: Path) -> None:
+    """The DataParallel wrapper answers the runner's model questions and changes no output (on CPU
+    DataParallel runs the module directly, so this pins the wrapping, not the splitting)."""
+    import torch
+
+    from rex_stream.bench.dataparallel import DataParallelModel, _Autocast
+    from rex_stream.engine.engine import Engine
+    from rex_stream.engine.requests import Limits
+
+    engine = Engine(tiny_model, device="cpu", dtype="fp32", limits=Limits(allow_empty_text=True))
+    cases = [(c["text"], c["schema"]) for c in golden_cases[:40]]
+    want = [o.output for o in engine.infer(cases)]
+    model = engine.runner.model
+    engine.runner.model = DataParallelModel(_Autocast(model, torch.bfloat16))
+    assert engine.runner.model.attention == model.attention  # a RexModel attribute, through the wrapper
+    assert [o.output for o in engine.infer(cases)] == want

@@ -179,7 +179,7 @@ def main() -> int:
     device = "cuda" if args.gpus else args.device
     base = {"model": args.model, "workload": args.workload, "messages": args.messages, "device": device,
             "dtype": args.dtype, "batch_tokens": args.batch_tokens, "chunk": 100_000, "gpus": 1,
-            "attention": "auto", "shared": shared}
+            "attention": "auto", "warmup": 128, "shared": shared}
     engine: dict[str, Any] = {"msgs_s": None}
     layout: dict[str, Any] = {"msgs_s": None}
     if not args.no_engine:

@@ -35,7 +35,7 @@ def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: A
     device = f"cuda:{rank % args['gpus']}" if args["device"] == "cuda" else args["device"]
     engine = Engine(args["model"], device=device, dtype=args["dtype"], batch_tokens=args["batch_tokens"],
                     attention=args["attention"], device_link=link)
-    engine.infer(items[:128])
+    engine.infer(items[:args["warmup"]])
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     barrier.wait()
@@ -86,6 +86,7 @@ def main() -> int:
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--attention", default="auto", help="engine attention path (auto, sdpa, flex, triton)")
     p.add_argument("--chunk", type=int, default=2048, help="messages per engine.infer call")
+    p.add_argument("--warmup", type=int, default=128, help="messages each process runs before the timed pass")
     p.add_argument("--device-server", action="store_true",
                    help="one process owns the GPU; the --procs processes only do the host work")
     p.add_argument("--out", type=Path)
@@ -94,7 +95,7 @@ def main() -> int:
         p.error("--device-server runs one device process: use it with --gpus 1")
     args = {"model": a.model, "workload": a.workload, "messages": a.messages, "device": a.device, "dtype": a.dtype,
             "batch_tokens": a.batch_tokens, "chunk": a.chunk, "gpus": a.gpus, "attention": a.attention,
-            "device_server": a.device_server, "shared": os.environ.get("REX_SHARED", "../shared")}
+            "device_server": a.device_server, "warmup": a.warmup, "shared": os.environ.get("REX_SHARED", "../shared")}
     rows = [measure(int(n), args) for n in a.procs.split(",")]
     base = rows[0]["msgs_s"]
     for row in rows:
