@@ -58,6 +58,8 @@ class DataParallelModel(nn.DataParallel):
         try:
             return super().__getattr__(name)
         except AttributeError:
+            if name == "module":  # not set yet: no inner model to ask
+                raise
             return getattr(self.module.model, name)
 
 
