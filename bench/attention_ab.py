@@ -5,8 +5,8 @@ engine/triton_attention.py > prev.py`); its `_launch` is swapped in for the curr
 lines:
 
 1. per synthetic bf16 batch of the base model (rows x padded length): the whole
-   `disentangled_attention` (tables + kernel) with the previous and the current kernel at a few
-   head-group sizes, median ms (`triton.testing.do_bench`);
+   `disentangled_attention` (tables + kernel) with the previous and the current kernel (and any
+   `EXTRA_CONFIGS` of the current one), median ms (`triton.testing.do_bench`);
 2. per workload (ner: N messages, default 20,000; re: N / 2; mix: N / 10): the engine (bf16, default
    fusions) with each kernel: messages/s of two passes, the summed GPU kernel time of a profiled pass
    per 1,000 messages, and the max |logit| difference between the kernels on one batch.
@@ -23,13 +23,15 @@ from rex_stream.bench.worker_path import run_engine
 from rex_stream.bench.workloads import load_workload
 from rex_stream.engine import triton_attention as current
 from rex_stream.engine.engine import Engine
-from rex_stream.engine.fast_attention import synthetic_batch
+from rex_stream.engine.fast_attention import synthetic_attention_args
 from rex_stream.engine.recursion import solve
 
 spec = importlib.util.spec_from_file_location("previous_attention", sys.argv[1])
 previous = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(previous)
 KERNELS = {"previous": previous._launch, "current": current._launch}
+# Further tile configurations of the current kernel to time (d530c79 swept its HEADS and num_stages here).
+EXTRA_CONFIGS: list[dict] = []
 
 
 def use(kernel: str) -> None:
@@ -37,19 +39,10 @@ def use(kernel: str) -> None:
 
 
 def micro() -> None:
-    heads, dim, span = 12, 64, 256
     device = torch.device("cuda")
-    variants = [("previous", None)] + [("current", dict(current.KERNEL_CONFIGS["cuda"], HEADS=h, num_stages=st))
-                                       for h in (1, 4, 12) for st in (1, 2)]
+    variants = [("previous", None), ("current", None)] + [("current", config) for config in EXTRA_CONFIGS]
     for batch, length in [(1024, 64), (768, 80), (512, 128), (256, 256), (96, 512)]:
-        t = {k: v.to(device) for k, v in synthetic_batch(batch, length, torch.device("cpu"), seed=1).items()}
-        lo, hi = max(0, span - length + 1), min(2 * span, span + length)
-        qkv = torch.randn(batch, length, 3, heads, dim, device=device, dtype=torch.bfloat16)
-        q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
-        pos_q, pos_k = (torch.randn(heads, hi - lo, dim, device=device, dtype=torch.bfloat16) for _ in range(2))
-        index = torch.arange(1, length + 1, device=device, dtype=torch.int32)
-        lengths = torch.where(t["valid"], index, 0).amax(-1)
-        args = (q, k, v, pos_q, pos_k, t["pos"], t["group"], t["slot"], t["valid"], lengths, span - lo, 0.125)
+        args = synthetic_attention_args(batch, length, device)
         use("previous")
         ref = current.disentangled_attention(*args).float()
         base = None

@@ -1,7 +1,7 @@
 """Time the Triton attention kernel's tile configurations on this GPU: `python bench/tile_sweep.py`.
 
 Shapes are the engine's typical batches (ner: many short rows, re: medium, mix: few long ones) of a
-base-size layer (12 heads, head dim 64) in bf16, built by `fast_attention.synthetic_batch`; each
+base-size layer (12 heads, head dim 64) in bf16, built by `fast_attention.synthetic_attention_args`; each
 configuration runs the whole `disentangled_attention` (position tables + kernel). Prints one JSON
 line per (shape, configuration) with the median time, and the best configuration per shape.
 """
@@ -11,28 +11,20 @@ import torch
 import triton.testing
 
 from rex_stream.engine import triton_attention
-from rex_stream.engine.fast_attention import synthetic_batch
+from rex_stream.engine.fast_attention import synthetic_attention_args
 
 SHAPES = [(1024, 64), (384, 160), (96, 512)]  # (rows, padded length): ~65k-token batches
 CONFIGS = [(64, 64, 4, 2), (64, 64, 4, 3), (128, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2),
            (128, 32, 4, 2), (64, 128, 4, 2), (128, 128, 8, 2)]
-heads, dim, span = 12, 64, 256
 device = torch.device("cuda")
 best: dict[str, tuple[float, tuple[int, ...]]] = {}
 for batch, length in SHAPES:
-    t = {k: v.to(device) for k, v in synthetic_batch(batch, length, torch.device("cpu"), seed=1).items()}
-    lo, hi = max(0, span - length + 1), min(2 * span, span + length)
-    qkv = torch.randn(batch, length, 3, heads, dim, device=device, dtype=torch.bfloat16)
-    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))
-    pos_q, pos_k = (torch.randn(heads, hi - lo, dim, device=device, dtype=torch.bfloat16) for _ in range(2))
-    index = torch.arange(1, length + 1, device=device, dtype=torch.int32)
-    lengths = torch.where(t["valid"], index, 0).amax(-1)
+    args = synthetic_attention_args(batch, length, device)
     for bm, bn, w, st in CONFIGS:
         config = {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": w, "num_stages": st}
         try:
-            ms = triton.testing.do_bench(lambda: triton_attention.disentangled_attention(
-                q, k, v, pos_q, pos_k, t["pos"], t["group"], t["slot"], t["valid"], lengths, span - lo, 0.125,
-                config=config), warmup=25, rep=100)
+            ms = triton.testing.do_bench(lambda: triton_attention.disentangled_attention(*args, config=config),
+                                         warmup=25, rep=100)
         except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: report and go on
             print(json.dumps({"shape": [batch, length], "config": config, "error": f"{type(exc).__name__}: {exc}"[:200]}))
             continue

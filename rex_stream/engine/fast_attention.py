@@ -227,6 +227,20 @@ def synthetic_batch(batch: int, length: int, device: torch.device, seed: int = 0
     return {k: t.to(device) for k, t in out.items()}
 
 
+def synthetic_attention_args(batch: int, length: int, device: torch.device, heads: int = 12, dim: int = 64,
+                             span: int = 256, dtype: torch.dtype = torch.bfloat16) -> tuple[Any, ...]:
+    """Positional arguments of ``triton_attention.disentangled_attention`` for one layer of a
+    ``synthetic_batch`` (base-size defaults): what the kernel benchmarks time."""
+    t = {k: v.to(device) for k, v in synthetic_batch(batch, length, torch.device("cpu"), seed=1).items()}
+    lo, hi = max(0, span - length + 1), min(2 * span, span + length)
+    qkv = torch.randn(batch, length, 3, heads, dim, device=device, dtype=dtype)
+    q, k, v = (qkv[:, :, n].transpose(1, 2) for n in range(3))  # strided views, as the model's
+    pos_q, pos_k = (torch.randn(heads, hi - lo, dim, device=device, dtype=dtype) for _ in range(2))
+    index = torch.arange(1, length + 1, device=device, dtype=torch.int32)
+    lengths = torch.where(t["valid"], index, 0).amax(-1)
+    return q, k, v, pos_q, pos_k, t["pos"], t["group"], t["slot"], t["valid"], lengths, span - lo, 0.125
+
+
 def _time(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     fn()
     if device.type == "cuda":
