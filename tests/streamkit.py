@@ -17,6 +17,16 @@ import yaml
 from confluent_kafka import Consumer, Producer, TopicPartition
 
 
+def wait_for(predicate: Callable[[], Any], timeout: float = 60.0) -> bool:
+    """Poll `predicate` until it holds (True) or `timeout` seconds pass (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.3)
+    return False
+
+
 def cheap_cases(golden: list[dict], n: int) -> list[dict]:
     """Up to n golden cases that are quick on CPU (at most two forwards of at most 128 tokens)."""
     picked = [c for c in golden if c["forwards"] <= 2 and c["max_len"] <= 128 and c["text"].strip()]

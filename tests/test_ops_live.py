@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
@@ -14,20 +13,11 @@ import orjson
 
 from rex_stream.devbroker import free_port
 from rex_stream.ops.metrics import WorkerMetrics
-from streamkit import produce, read_all, start_worker, stop, write_config
+from streamkit import produce, read_all, start_worker, stop, wait_for, write_config
 
 
 def health(*args: str) -> int:
     return subprocess.run([sys.executable, "-m", "rex_stream.cli", "health", *args], capture_output=True).returncode
-
-
-def wait_for(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.3)
-    return False
 
 
 def test_metrics_health_and_stats_on_a_real_run(kafka_broker, kafka_topics, tiny_model, golden_cases, tmp_path: Path):

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import orjson
 import yaml
 
-from streamkit import cheap_cases, committed, end_offsets, produce, read_all, start_worker, stop, values, write_config
+from streamkit import (cheap_cases, committed, end_offsets, produce, read_all, start_worker, stop, values, wait_for,
+                       write_config)
 
 
 BAD = [
@@ -141,23 +141,21 @@ def test_supervised_cpu_workers_restart_after_crash(kafka_broker, kafka_topics, 
         events = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
         return [e["worker"].rsplit("-", 1)[1] for e in events if e["event"] == "worker_started"]
 
-    def wait_for(condition: Callable[[], bool], what: str, seconds: float = 60) -> None:
-        deadline = time.monotonic() + seconds
-        while not condition() and time.monotonic() < deadline:
-            time.sleep(0.3)
-        assert condition(), f"{what} within {seconds:.0f} s:\n{log.read_text()[-2000:]}"
+    def tail() -> str:
+        return log.read_text()[-2000:]
 
     try:
         assert len(read_all(kafka_broker.bootstrap, topics["output"], len(cases), timeout=120)) >= len(cases)
         # One worker may have done all the work while the other was still loading: kill a running one.
-        wait_for(lambda: set(started()) == {"0", "1"}, "both workers started")
+        assert wait_for(lambda: set(started()) == {"0", "1"}), f"both workers started within 60 s:\n{tail()}"
         children = subprocess.run(["pgrep", "-P", str(sup.pid)], capture_output=True, text=True).stdout.split()
         assert len(children) == 2
         subprocess.run(["kill", "-9", children[0]], check=True)
-        wait_for(lambda: "worker_restarted" in log.read_text(), "the supervisor restarted the killed worker")
-        wait_for(lambda: len(started()) == 3, "the restarted worker started")
+        assert wait_for(lambda: "worker_restarted" in log.read_text()), \
+            f"the supervisor restarted the killed worker within 60 s:\n{tail()}"
+        assert wait_for(lambda: len(started()) == 3), f"the restarted worker started within 60 s:\n{tail()}"
     finally:
         sup.send_signal(signal.SIGTERM)
         code = sup.wait(90)
-    assert code == 0, log.read_text()[-2000:]
+    assert code == 0, tail()
     assert sorted(started()) in (["0", "0", "1"], ["0", "1", "1"])
