@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from ..engine.engine import Engine
 from .report import emit
+from .worker_path import run_engine
 from .workloads import load_workload
 
 
@@ -63,16 +63,10 @@ class DataParallelModel(nn.DataParallel):
             return getattr(self.module.model, name)
 
 
-def _rate(engine: Engine, items: list, passes: int = 2) -> float:
-    """Messages/s of the last of ``passes`` whole runs (the first one also warms the kernels)."""
-    rate = 0.0
-    for _ in range(passes):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        engine.infer(items)
-        torch.cuda.synchronize()
-        rate = len(items) / (time.perf_counter() - start)
-    return rate
+def _rate(engine: Engine, items: list) -> float:
+    """Messages/s of a second whole run (the first one warms the kernels)."""
+    run_engine(engine, items, len(items))
+    return run_engine(engine, items, len(items))
 
 
 def main() -> int:
