@@ -31,7 +31,7 @@ from confluent_kafka import Consumer, ConsumerGroupState, KafkaException, Produc
 from confluent_kafka.admin import AdminClient
 
 from ..devbroker import LocalBroker, create_topics
-from .multiproc import measure
+from .multiproc import WARMUP_MESSAGES, measure
 from .report import emit
 from .workloads import load_workload
 
@@ -179,7 +179,7 @@ def main() -> int:
     device = "cuda" if args.gpus else args.device
     base = {"model": args.model, "workload": args.workload, "messages": args.messages, "device": device,
             "dtype": args.dtype, "batch_tokens": args.batch_tokens, "chunk": 100_000, "gpus": 1,
-            "attention": "auto", "warmup": 128, "shared": shared}
+            "attention": "auto", "warmup": WARMUP_MESSAGES, "shared": shared}
     engine: dict[str, Any] = {"msgs_s": None}
     layout: dict[str, Any] = {"msgs_s": None}
     if not args.no_engine:

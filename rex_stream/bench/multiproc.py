@@ -22,6 +22,8 @@ from typing import Any
 
 from .report import write_json
 
+WARMUP_MESSAGES = 128  # each process's untimed run before the barrier, unless told otherwise
+
 
 def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: Any, link: Any) -> None:
     import torch
@@ -86,7 +88,7 @@ def main() -> int:
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--attention", default="auto", help="engine attention path (auto, sdpa, flex, triton)")
     p.add_argument("--chunk", type=int, default=2048, help="messages per engine.infer call")
-    p.add_argument("--warmup", type=int, default=128, help="messages each process runs before the timed pass")
+    p.add_argument("--warmup", type=int, default=WARMUP_MESSAGES, help="messages each process runs before the timed pass")
     p.add_argument("--device-server", action="store_true",
                    help="one process owns the GPU; the --procs processes only do the host work")
     p.add_argument("--out", type=Path)
