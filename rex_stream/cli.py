@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=32, help="baseline (b) batch size")
     p.add_argument("--engine-kwargs", default=None, help='JSON of extra Engine(...) arguments for path (c)')
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--host-processes", default="0",
+                   help="comma-separated counts: for each nonzero N, (c) again with its host work in N processes "
+                        "and this process as their device process (the layout of run --device-server); 0: one process")
+    p.add_argument("--host-chunk", type=int, default=1024, help="messages per engine call in each host process")
     return parser
 
 

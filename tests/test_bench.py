@@ -53,7 +53,7 @@ def test_bench_cpu_tiny(shared_dir: Path, tiny_model: Path, tmp_path: Path, monk
     # One torch thread: on a shared 2-core box two OpenMP threads thrash; one keeps this ~50 s.
     rc = main(["bench", "--workload", "mix", "--model", str(tiny_model), "--device", "cpu", "--messages", "60",
                "--baseline-a-messages", "10", "--budgets", "2048,8192", "--out", str(out),
-               "--warmup-messages", "2", "--agreement-messages", "30", "--threads", "1"])
+               "--warmup-messages", "2", "--agreement-messages", "30", "--threads", "1", "--host-processes", "0,2"])
     assert rc == 0
     assert torch.get_num_threads() == threads  # --threads is undone on return
     (json_path,) = out.glob("mix-*.json")
@@ -67,23 +67,26 @@ def test_bench_cpu_tiny(shared_dir: Path, tiny_model: Path, tmp_path: Path, monk
     a, b, engines = paths["reference_style"], paths["competent_user"], paths["engine"]
     assert a["subset"] and a["messages"] == 10 and a["batch"] == 1 and a["dtype"] == "fp32"
     assert b["batch"] == 32 and b["messages"] == 60
-    assert [e["budget"] for e in engines] == [2048, 8192]
+    assert [(e["budget"], e.get("host_processes")) for e in engines] == [(2048, None), (8192, None), (2048, 2), (8192, 2)]
     for row in [a, b, *engines]:
         for key in ("messages_per_s", "forwards_per_s", "real_tokens_per_s", "mfu", "forwards_per_message"):
             assert row[key] > 0, (row["path"], key)
         assert 0 <= row["padding_share"] < 1
         assert row["batch_latency_ms"]["p50"] > 0 and row["batch_latency_ms"]["p99"] >= row["batch_latency_ms"]["p50"]
     assert a["padding_share"] == 0
-    # Same forwards whatever the batching (fp32 everywhere on CPU).
-    assert b["forwards"] == engines[0]["forwards"] == engines[1]["forwards"]
+    # Same forwards whatever the batching and wherever the host work runs (fp32 everywhere on CPU).
+    assert all(e["forwards"] == b["forwards"] and e["messages"] == 60 for e in engines)
     ratios = result["ratios"]
     for key in ("engine_vs_reference_style", "engine_vs_competent_user"):
         assert ratios[key] > 0
-    assert set(ratios["engine_vs_competent_user_by_budget"]) == {"2048", "8192"}
+    keys = {"2048", "8192", "2048+2hosts", "8192+2hosts"}
+    assert set(ratios["engine_vs_competent_user_by_budget"]) == keys
     agree = result["agreement"]
     shares = [agree["reference_style"]["share"], agree["competent_user"]["share"],
-              *(agree["engine"][k]["share"] for k in ("2048", "8192"))]
+              *(agree["engine"][k]["share"] for k in keys)]
     assert all(0 <= s <= 1 for s in shares)
+    # Served or not, the fp32 engine answers exactly as the fp32 reference engine.
+    assert all(agree["engine"][k] == {"messages": 30, "identical": 30, "share": 1.0} for k in keys)
     assert agree["competent_user"]["messages"] == 30 and agree["reference_style"]["messages"] == 10
     assert result["peak"]["flops_per_s"] > 0
 

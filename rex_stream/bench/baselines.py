@@ -38,7 +38,7 @@ from rex_stream.engine.engine import Engine, EngineStats, Outcome
 from rex_stream.engine.layout import attention_allowed, build_layout
 from rex_stream.engine.recursion import Forward, Solver, solve
 from rex_stream.engine.requests import RequestError, validate
-from rex_stream.engine.runner import Fetched, ForwardRunner
+from rex_stream.engine.runner import Fetched, ForwardRunner, HostLinks, split_links
 
 Item = tuple[Any, Any]
 
@@ -224,8 +224,8 @@ class TimedRunner:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def collect(self, fetched: Fetched) -> list[Links]:
-        links = self.inner.collect(fetched)
+    def host_links(self, fetched: Fetched) -> HostLinks:
+        links = self.inner.host_links(fetched)
         seconds = time.perf_counter() - fetched.prepared.started
         device_seconds = None
         if fetched.gpu_start is not None and fetched.ready is not None:
@@ -234,6 +234,9 @@ class TimedRunner:
         self.records.append(BatchRecord(len(lengths), max(lengths), sum(lengths), seconds,
                                         sum(self._flops(n) for n in lengths), device_seconds))
         return links
+
+    def collect(self, fetched: Fetched) -> list[Links]:
+        return split_links(self.host_links(fetched), fetched.prepared.nh, fetched.prepared.cls)
 
 
 def _flops_fn(engine: Engine) -> Callable[[int], int]:

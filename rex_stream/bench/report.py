@@ -45,15 +45,21 @@ def _rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def engine_key(row: dict[str, Any]) -> str:
+    """A (c) row's name in the result's per-pass maps: its budget, and its host processes if served."""
+    hosts = row.get("host_processes")
+    return f"{row['budget']}" + (f"+{hosts}hosts" if hosts else "")
+
+
 def _setting(row: dict[str, Any]) -> str:
     if row["path"] == "engine":
-        return f"budget {row['budget']}"
+        return f"budget {engine_key(row)}"
     return f"batch {row['batch']}"
 
 
 def table(result: dict[str, Any]) -> str:
     """The summary table, plain fixed-width text."""
-    head = (f"{'path':<20} {'dtype':<5} {'setting':<13} {'msg/s':>10} {'fwd/s':>10} {'tok/s':>11} {'pad%':>5} "
+    head = (f"{'path':<20} {'dtype':<5} {'setting':<21} {'msg/s':>10} {'fwd/s':>10} {'tok/s':>11} {'pad%':>5} "
             f"{'MFU%':>6} {'p50ms':>8} {'p99ms':>8} {'peakMiB':>8} {'fwd/msg':>7} {'agree':>6}")
     lines = [
         (f"workload {result['workload']}: {result['messages']} messages on {result['device']['name']} "
@@ -66,14 +72,14 @@ def table(result: dict[str, Any]) -> str:
     agree = result.get("agreement", {})
     for row in _rows(result):
         if row["path"] == "engine":
-            share = agree.get("engine", {}).get(str(row["budget"]), {}).get("share")
+            share = agree.get("engine", {}).get(engine_key(row), {}).get("share")
         else:
             share = agree.get(row["path"], {}).get("share")
         mem = row.get("peak_memory_bytes")
         lat = row["batch_latency_ms"]
         name = PATH_LABELS[row["path"]] + ("*" if row.get("subset") else "")
         lines.append(
-            f"{name:<20} {row['dtype']:<5} {_setting(row):<13} {_fmt(row['messages_per_s'], '10.1f')} "
+            f"{name:<20} {row['dtype']:<5} {_setting(row):<21} {_fmt(row['messages_per_s'], '10.1f')} "
             f"{_fmt(row['forwards_per_s'], '10.1f')} {_fmt(row['real_tokens_per_s'], '11.0f')} "
             f"{_fmt(row['padding_share'], '5.1f', 100)} {_fmt(row['mfu'], '6.2f', 100)} {_fmt(lat['p50'], '8.2f')} "
             f"{_fmt(lat['p99'], '8.2f')} {_fmt(mem, '8.0f', 1 / 2**20)} {_fmt(row['forwards_per_message'], '7.2f')} "
@@ -87,7 +93,9 @@ def table(result: dict[str, Any]) -> str:
     best = result.get("engine_best")
     if best:
         lines.append(
-            f"engine best: budget {best['budget']}, {best['messages_per_s']:.1f} msg/s = "
+            f"engine best: budget {best['budget']}"
+            + (f", {best['host_processes']} host processes" if best.get("host_processes") else ", one process")
+            + f", {best['messages_per_s']:.1f} msg/s = "
             f"{_fmt(ratios.get('engine_vs_reference_style'), '.1f')}x (a), "
             f"{_fmt(ratios.get('engine_vs_competent_user'), '.2f')}x (b)"
         )
@@ -125,10 +133,13 @@ def write_png(result: dict[str, Any], latencies: dict[str, list[float]], path: P
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
     engine = result["paths"].get("engine", [])
+    for n, hosts in enumerate(sorted({row.get("host_processes") or 0 for row in engine})):
+        rows = [row for row in engine if (row.get("host_processes") or 0) == hosts]
+        label = f"(c) engine, {rows[0]['dtype']}" + (f", {hosts} host processes" if hosts else "")
+        left.plot([row["budget"] for row in rows], [row["messages_per_s"] for row in rows], "o-",
+                  color=f"C{2 + n}", label=label)
     if engine:
-        budgets = [row["budget"] for row in engine]
-        left.plot(budgets, [row["messages_per_s"] for row in engine], "o-", color="C2",
-                  label=f"(c) engine, {engine[0]['dtype']}")
+        budgets = sorted({row["budget"] for row in engine})
         left.set_xscale("log", base=2)
         left.set_xticks(budgets, [str(b) for b in budgets])
     colors = {"reference_style": "C0", "competent_user": "C1"}

@@ -2,8 +2,10 @@
 
 Order per workload: fp32 engine reference outputs on the first `--agreement-messages` messages
 (untimed); (a) reference-style on the first `--baseline-a-messages`; (b) competent user on all
-messages; (c) the engine at every `--budgets` value. Every timed pass is preceded by an untimed
-warm-up of the same path on the first `--warmup-messages` messages. The JSON is rewritten after
+messages; (c) the engine at every `--budgets` value, in this process and, for each nonzero
+`--host-processes` count, with its host work in that many processes served by this one
+(`served`). Every timed pass is preceded by an untimed warm-up of the same path on the first
+`--warmup-messages` messages. The JSON is rewritten after
 every pass (``"complete": false`` until the end), so a run cut short still leaves its numbers.
 """
 
@@ -25,14 +27,15 @@ from typing import Any
 
 import torch
 
-from rex_stream.bench import baselines, report
+from rex_stream.bench import baselines, report, served
 from rex_stream.bench.workloads import WORKLOADS, load_workload, shared_dir
 from rex_stream.engine.engine import Engine
 
 DEFAULTS: dict[str, Any] = {
     "workload": "ner", "model": None, "device": "cuda", "messages": "20000", "baseline_a_messages": 200,
     "out": Path("bench/results"), "budgets": "8192,16384,32768,65536", "dtype": None, "warmup_messages": 64,
-    "agreement_messages": 500, "batch": 32, "engine_kwargs": None, "threads": None,
+    "agreement_messages": 500, "batch": 32, "engine_kwargs": None, "threads": None, "host_processes": "0",
+    "host_chunk": 1024,
 }
 
 
@@ -85,6 +88,7 @@ def main(args: argparse.Namespace) -> int:
         workloads = _parse_workloads(opts["workload"])
         budgets = _parse_budgets(opts["budgets"])
         opts["messages"] = _parse_counts(opts["messages"], workloads)
+        opts["host_processes"] = served.parse_hosts(opts["host_processes"])
         engine_kwargs = json.loads(opts["engine_kwargs"]) if opts["engine_kwargs"] else {}
     except ValueError as exc:
         print(f"bench: {exc}", file=sys.stderr)
@@ -224,20 +228,27 @@ def _run_workload(workload: str, opts: dict[str, Any], shared: Path, device: tor
         _log(f"(b) {row['messages_per_s']:.1f} msg/s, {row['forwards_per_message']:.2f} fwd/msg, "
              f"padding {row['padding_share']:.1%}, MFU {row['mfu'] or 0:.1%}", t0)
 
-    def path_c(budget: int) -> None:  # (c) the engine at one budget
-        baselines.engine_path(fast, items[:warm], budget, keep=0)
-        run = baselines.engine_path(fast, items, budget, keep=n_agree)
+    def path_c(budget: int, hosts: int) -> None:  # (c) the engine at one budget, in this process or served
+        if hosts:
+            run = served.served_path(fast, workload, shared, messages, hosts, budget, n_agree, warm,
+                                     int(opts["host_chunk"]))
+        else:
+            baselines.engine_path(fast, items[:warm], budget, keep=0)
+            run = baselines.engine_path(fast, items, budget, keep=n_agree)
         row = run.summary(peak_flops)
+        key = report.engine_key(row)
         result["paths"]["engine"].append(row)
-        result["agreement"]["engine"][str(budget)] = baselines.agreement(run.outcomes, reference)
-        latencies[f"(c) engine {budget}"] = [b.seconds for b in run.batches]
-        _log(f"(c) budget {budget}: {row['messages_per_s']:.1f} msg/s, padding {row['padding_share']:.1%}, "
+        result["agreement"]["engine"][key] = baselines.agreement(run.outcomes, reference)
+        latencies[f"(c) engine {key}"] = [b.seconds for b in run.batches]
+        _log(f"(c) {key}: {row['messages_per_s']:.1f} msg/s, padding {row['padding_share']:.1%}, "
              f"MFU {row['mfu'] or 0:.1%}", t0)
 
     attempt("reference_style", path_a)
     attempt("competent_user", path_b)
-    for budget in budgets:
-        attempt(f"engine {budget}", lambda budget=budget: path_c(budget))
+    for hosts in opts["host_processes"]:
+        for budget in budgets:
+            attempt(f"engine {budget}" + (f" {hosts} hosts" if hosts else ""),
+                    lambda budget=budget, hosts=hosts: path_c(budget, hosts))
 
     if hasattr(fast.runner.model, "fast_path_status"):
         try:
@@ -264,12 +275,13 @@ def _ratios(result: dict[str, Any]) -> None:
     if not engine:
         return
     best = max(engine, key=lambda r: r["messages_per_s"])
-    result["engine_best"] = {"budget": best["budget"], "messages_per_s": best["messages_per_s"]}
+    result["engine_best"] = {"budget": best["budget"], "host_processes": best.get("host_processes", 0),
+                             "messages_per_s": best["messages_per_s"]}
     ratios: dict[str, Any] = {}
     for key in ("reference_style", "competent_user"):
         base = result["paths"].get(key)
         if base and base["messages_per_s"] > 0:
             ratios[f"engine_vs_{key}"] = best["messages_per_s"] / base["messages_per_s"]
             ratios[f"engine_vs_{key}_by_budget"] = {
-                str(r["budget"]): r["messages_per_s"] / base["messages_per_s"] for r in engine}
+                report.engine_key(r): r["messages_per_s"] / base["messages_per_s"] for r in engine}
     result["ratios"] = ratios
