@@ -394,7 +394,8 @@ def engine_path(engine: Engine, items: Sequence[Item], budget: int, keep: int = 
     runner = TimedRunner(engine.runner, _flops_fn(engine))
     view = _engine_view(engine, runner=runner, batch_tokens=budget)
     return _timed_infer("engine", view, runner, items, keep,
-                        {"dtype": engine.dtype, "budget": budget, "max_batch": engine.max_batch})
+                        {"dtype": engine.dtype, "budget": budget, "max_batch": engine.max_batch,
+                         "batch_cost": engine.batch_cost})
 
 
 def plain_infer(engine: Engine, items: Sequence[Item]) -> list[Outcome]:

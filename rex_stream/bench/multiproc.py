@@ -36,7 +36,7 @@ def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: A
     items = load_workload(args["workload"], args["shared"], args["messages"])[rank::procs]
     device = f"cuda:{rank % args['gpus']}" if args["device"] == "cuda" else args["device"]
     engine = Engine(args["model"], device=device, dtype=args["dtype"], batch_tokens=args["batch_tokens"],
-                    attention=args["attention"], device_link=link)
+                    attention=args["attention"], device_link=link, batch_cost=args.get("batch_cost"))
     engine.infer(items[:args["warmup"]])
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
@@ -47,7 +47,8 @@ def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: A
         engine.infer(items[i:i + chunk])
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-    results.put((rank, len(items), time.perf_counter() - start, engine.stats.forwards))
+    stats = engine.stats  # the warm-up's counts included
+    results.put((rank, len(items), time.perf_counter() - start, stats.forwards, stats.real_tokens, stats.padded_tokens))
     if link is not None:
         engine.runner.close()
 
@@ -73,7 +74,7 @@ def measure(procs: int, args: dict[str, Any]) -> dict[str, Any]:
     messages = sum(g[1] for g in got)
     slowest = max(g[2] for g in got)
     return {"procs": procs, "messages": messages, "seconds": slowest, "msgs_s": messages / slowest,
-            "forwards": sum(g[3] for g in got)}
+            "forwards": sum(g[3] for g in got), "padding": 1 - sum(g[4] for g in got) / max(1, sum(g[5] for g in got))}
 
 
 def main() -> int:
@@ -91,13 +92,14 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=WARMUP_MESSAGES, help="messages each process runs before the timed pass")
     p.add_argument("--device-server", action="store_true",
                    help="one process owns the GPU; the --procs processes only do the host work")
+    p.add_argument("--batch-cost", type=int, default=None, help="planner cost per batch (default: the layout's)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     if a.device_server and a.gpus > 1:
         p.error("--device-server runs one device process: use it with --gpus 1")
     args = {"model": a.model, "workload": a.workload, "messages": a.messages, "device": a.device, "dtype": a.dtype,
             "batch_tokens": a.batch_tokens, "chunk": a.chunk, "gpus": a.gpus, "attention": a.attention,
-            "device_server": a.device_server, "warmup": a.warmup, "shared": os.environ.get("REX_SHARED", "../shared")}
+            "device_server": a.device_server, "warmup": a.warmup, "batch_cost": a.batch_cost, "shared": os.environ.get("REX_SHARED", "../shared")}
     rows = [measure(int(n), args) for n in a.procs.split(",")]
     base = rows[0]["msgs_s"]
     for row in rows:
@@ -106,6 +108,7 @@ def main() -> int:
     import torch
 
     result = {"workload": a.workload, "gpus": a.gpus, "device_server": a.device_server, "dtype": a.dtype,
+              "batch_cost": a.batch_cost, "chunk": a.chunk,
               "attention": a.attention, "rows": rows,
               "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
               "cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d", time.gmtime())}

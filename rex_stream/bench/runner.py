@@ -230,7 +230,7 @@ def _run_workload(workload: str, opts: dict[str, Any], shared: Path, device: tor
 
     def path_c(budget: int, hosts: int) -> None:  # (c) the engine at one budget, in this process or served
         if hosts:
-            run = served.served_path(fast, workload, shared, messages, hosts, budget, n_agree, warm,
+            run = served.served_path(fast, engine_kwargs, workload, shared, messages, hosts, budget, n_agree, warm,
                                      int(opts["host_chunk"]))
         else:
             baselines.engine_path(fast, items[:warm], budget, keep=0)

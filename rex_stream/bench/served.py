@@ -52,12 +52,15 @@ def _host(rank: int, hosts: int, spec: dict[str, Any], link: Any, go: Any, resul
         outcomes.extend(engine.infer(items[i:i + spec["chunk"]]))
     engine.runner.close()
     kept = [(rank + hosts * j, outcome) for j, outcome in enumerate(outcomes) if rank + hosts * j < spec["keep"]]
-    results.put((rank, len(items), kept))
+    results.put((rank, len(items), kept, engine.batch_cost))
 
 
-def served_path(engine: Engine, workload: str, shared: Path, messages: int, hosts: int, budget: int, keep: int,
-                warm: int, chunk: int) -> PathRun:
-    """Time `messages` of `workload` through `hosts` host processes served by `engine` in this process."""
+def served_path(engine: Engine, engine_kwargs: dict[str, Any], workload: str, shared: Path, messages: int,
+                hosts: int, budget: int, keep: int, warm: int, chunk: int) -> PathRun:
+    """Time `messages` of `workload` through `hosts` host processes served by `engine` in this process.
+
+    The host processes' engines get `engine_kwargs` too (those that concern the device are unused
+    there), so settings such as `admit_batches` or `batch_cost` apply on both sides of the bench."""
     runner = _ArrivalTimedRunner(engine.runner, _flops_fn(engine))
     server = DeviceServer(_engine_view(engine, runner=runner))
     ctx = mp.get_context("spawn")
@@ -68,7 +71,7 @@ def served_path(engine: Engine, workload: str, shared: Path, messages: int, host
     device_thread.start()
     go, results = ctx.Event(), ctx.Queue()
     spec = {"workload": workload, "shared": str(shared), "messages": messages, "model": str(engine.model_dir),
-            "dtype": engine.dtype, "budget": budget, "engine_kwargs": _host_kwargs(engine), "warm": max(1, warm // hosts),
+            "dtype": engine.dtype, "budget": budget, "engine_kwargs": engine_kwargs, "warm": max(1, warm // hosts),
             "chunk": max(1, chunk), "keep": keep}
     procs = [ctx.Process(target=_host, args=(r, hosts, spec, pairs[r][0], go, results), daemon=True)
              for r in range(hosts)]
@@ -95,8 +98,8 @@ def served_path(engine: Engine, workload: str, shared: Path, messages: int, host
     kept = sorted((pair for g in got for pair in g[2]), key=lambda pair: pair[0])
     return PathRun("engine", sum(g[1] for g in got), seconds, list(runner.records), [o for _, o in kept],
                    peak_memory(engine.device),
-                   {"dtype": engine.dtype, "budget": budget, "max_batch": engine.max_batch, "host_processes": hosts,
-                    "host_chunk": spec["chunk"]})
+                   {"dtype": engine.dtype, "budget": budget, "max_batch": engine.max_batch, "batch_cost": got[0][3],
+                    "host_processes": hosts, "host_chunk": spec["chunk"]})
 
 
 def _gather(results: Any, procs: list[Any]) -> list[Any]:
@@ -111,11 +114,6 @@ def _gather(results: Any, procs: list[Any]) -> list[Any]:
             if dead or time.monotonic() > deadline:
                 raise RuntimeError(f"host processes failed (exit codes {dead}) or timed out") from None
     return got
-
-
-def _host_kwargs(engine: Engine) -> dict[str, Any]:
-    """The host-side settings of `engine` that a host process's engine must share."""
-    return {"max_batch": engine.max_batch, "limits": engine.limits, "admit_batches": engine.admit_batches}
 
 
 def parse_hosts(text: str) -> list[int]:

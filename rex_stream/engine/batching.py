@@ -21,6 +21,9 @@ import numpy as np
 # while the device runs ~3,000 tokens per ms. On those hosts fewer batches won over less padding:
 # ner +21 %, re +23 % with the fewest batches against a cost of 2,048 (bench/results/h200-run8).
 BATCH_COST_TOKENS = 16384
+# The same for a host process of the device-server layout: it only packs and sends a batch, and the
+# device process launches one batch while the card runs those queued before it.
+SERVED_BATCH_COST_TOKENS = 16384
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int = 1024,

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .batching import BATCH_COST_TOKENS, plan_batches
+from .batching import BATCH_COST_TOKENS, SERVED_BATCH_COST_TOKENS, plan_batches
 from .decode import Links
 from .device_server import DeviceLost, RemoteRunner
 from .recursion import Forward, Solver, solve
@@ -92,7 +92,7 @@ class Engine:
                  max_batch: int = 4096, limits: Limits = Limits(), cache_dir: str | None = None,
                  cls_score: str = "logit", attention: str = "auto", compile_encoder: bool = False,
                  admit_batches: float | None = None, fusions: frozenset[str] | None = None,
-                 device_link: Connection | None = None) -> None:
+                 device_link: Connection | None = None, batch_cost: int | None = None) -> None:
         """`device_link`: the model runs in a `device_server` process reached through this connection
         (its settings are the server's; `device`, `dtype`, `cls_score`, `attention`, `fusions` and
         `compile_encoder` are then not used here): this process does the host work only."""
@@ -121,7 +121,9 @@ class Engine:
         self.dtype = dtype
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
-        self.batch_cost = BATCH_COST_TOKENS  # planning's fixed cost per batch, in padded tokens
+        # Planning's fixed cost per batch, in padded tokens (batching.py); None: the layout's default.
+        self.batch_cost = batch_cost if batch_cost is not None else \
+            SERVED_BATCH_COST_TOKENS if device_link is not None else BATCH_COST_TOKENS
         self.pipeline_depth = 3  # batches in flight: the one the host decodes and those queued behind it
         # A number: requests are started (schema walked, level 0 tokenised) while the device computes,
         # until the pool of forwards waiting for a plan holds this many batches' tokens (see serve's
