@@ -22,8 +22,11 @@ import numpy as np
 # ner +21 %, re +23 % with the fewest batches against a cost of 2,048 (bench/results/h200-run8).
 BATCH_COST_TOKENS = 16384
 # The same for a host process of the device-server layout: it only packs and sends a batch, and the
-# device process launches one batch while the card runs those queued before it.
-SERVED_BATCH_COST_TOKENS = 16384
+# device process launches one batch while the card runs those queued before it. On ner (4 host
+# processes, 5,000 messages per call) 2,048 padded 2.7 % of the tokens against 10.7 % at 16,384,
+# at the same rate (20,783 / 20,425 against 20,533 / 20,394 msg/s; mix 8 hosts: 334.7 / 332.0
+# against 333.0 / 335.3), one H200, bench/results/h200-run13-served/served_ab.jsonl.
+SERVED_BATCH_COST_TOKENS = 2048
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int = 1024,
