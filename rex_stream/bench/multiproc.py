@@ -92,7 +92,7 @@ def main() -> int:
     p.add_argument("--warmup", type=int, default=WARMUP_MESSAGES, help="messages each process runs before the timed pass")
     p.add_argument("--device-server", action="store_true",
                    help="one process owns the GPU; the --procs processes only do the host work")
-    p.add_argument("--batch-cost", type=int, default=None, help="planner cost per batch (default: the layout's)")
+    p.add_argument("--batch-cost", type=int, default=None, help="planner cost per batch, in padded tokens (default: the engine's)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
     if a.device_server and a.gpus > 1:

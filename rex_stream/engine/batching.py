@@ -20,13 +20,11 @@ import numpy as np
 # Python and kernel dispatch on the H200 hosts, whatever the batch's size (bench/host_stages.py),
 # while the device runs ~3,000 tokens per ms. On those hosts fewer batches won over less padding:
 # ner +21 %, re +23 % with the fewest batches against a cost of 2,048 (bench/results/h200-run8).
+# Host processes of the device-server layout keep it: the device process pays the launch. At 2,048
+# their 5,000-message calls padded 2.7 % instead of 10.7 % at the same rate, but the stream workers'
+# 1,024-message batches became small device batches, and the workers through a broker fell to 68 %
+# of the engine, against 90 % at 16,384 in an earlier run (bench/results/h200-run13-served).
 BATCH_COST_TOKENS = 16384
-# The same for a host process of the device-server layout: it only packs and sends a batch, and the
-# device process launches one batch while the card runs those queued before it. On ner (4 host
-# processes, 5,000 messages per call) 2,048 padded 2.7 % of the tokens against 10.7 % at 16,384,
-# at the same rate (20,783 / 20,425 against 20,533 / 20,394 msg/s; mix 8 hosts: 334.7 / 332.0
-# against 333.0 / 335.3), one H200, bench/results/h200-run13-served/served_ab.jsonl.
-SERVED_BATCH_COST_TOKENS = 2048
 
 
 def plan_batches(lengths: Sequence[int], max_tokens: int, max_batch: int = 1024,

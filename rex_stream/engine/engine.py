@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from .batching import BATCH_COST_TOKENS, SERVED_BATCH_COST_TOKENS, plan_batches
+from .batching import BATCH_COST_TOKENS, plan_batches
 from .decode import Links
 from .device_server import DeviceLost, RemoteRunner
 from .recursion import Forward, Solver, solve
@@ -121,9 +121,8 @@ class Engine:
         self.dtype = dtype
         self.batch_tokens = batch_tokens
         self.max_batch = max_batch
-        # Planning's fixed cost per batch, in padded tokens (batching.py); None: the layout's default.
-        self.batch_cost = batch_cost if batch_cost is not None else \
-            SERVED_BATCH_COST_TOKENS if device_link is not None else BATCH_COST_TOKENS
+        # Planning's fixed cost per batch, in padded tokens (batching.py).
+        self.batch_cost = BATCH_COST_TOKENS if batch_cost is None else batch_cost
         self.pipeline_depth = 3  # batches in flight: the one the host decodes and those queued behind it
         # A number: requests are started (schema walked, level 0 tokenised) while the device computes,
         # until the pool of forwards waiting for a plan holds this many batches' tokens (see serve's
