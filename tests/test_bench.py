@@ -142,6 +142,24 @@ def test_multiproc_runs_every_message_once_per_layout(shared_dir: Path, tiny_mod
     assert row["seconds"] > 0 and row["msgs_s"] == pytest.approx(40 / row["seconds"])
 
 
+def test_served_pass_stops_when_a_host_process_fails(shared_dir: Path, tiny_model: Path) -> None:
+    """A host process that dies (here on an engine argument it cannot take) fails the served pass at
+    once, and the device thread ends, instead of the bench waiting for answers that never come."""
+    import threading
+    import time
+
+    from rex_stream.bench.served import served_path
+    from rex_stream.engine.engine import Engine
+
+    engine = Engine(tiny_model, device="cpu")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="host processes failed"):
+        served_path(engine, {"no_such_argument": 1}, "ner", shared_dir, messages=8, hosts=1, budget=4096, keep=4,
+                    warm=2, chunk=4)
+    assert time.monotonic() - start < 120
+    assert not [t for t in threading.enumerate() if t.name == "bench-device"]
+
+
 @pytest.mark.filterwarnings("ignore:CUDA is not available:UserWarning")
 def test_dataparallel_baseline_keeps_the_engine_outputs(golden_cases: list[dict], tiny_model: Path) -> None:
     """The DataParallel wrapper answers the runner's model questions and changes no output (on CPU

@@ -81,7 +81,8 @@ def forward_flops(cfg: Any, length: int) -> int:
     return dense + content + rel + head
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing on CPU), so a timing covers it."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -100,11 +101,11 @@ def matmul_peak(device: torch.device, size: int | None = None, repeats: int = 5)
         torch.matmul(a, b, out=out)
     best = float("inf")
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         for _ in range(iters):
             torch.matmul(a, b, out=out)
-        _sync(device)
+        sync(device)
         best = min(best, (time.perf_counter() - start) / iters)
     del a, b, out
     if cuda:
@@ -239,7 +240,8 @@ class TimedRunner:
         return split_links(self.host_links(fetched), fetched.prepared.nh, fetched.prepared.cls)
 
 
-def _flops_fn(engine: Engine) -> Callable[[int], int]:
+def flops_fn(engine: Engine) -> Callable[[int], int]:
+    """Model FLOPs of one forward by its length, for `engine`'s config (cached per length)."""
     cache: dict[int, int] = {}
 
     def flops(length: int) -> int:
@@ -250,7 +252,7 @@ def _flops_fn(engine: Engine) -> Callable[[int], int]:
     return flops
 
 
-def _engine_view(engine: Engine, cls: type[Engine] = Engine, **attrs: Any) -> Engine:
+def engine_view(engine: Engine, cls: type[Engine] = Engine, **attrs: Any) -> Engine:
     """A shallow copy of `engine` (same model and tokenizer), optionally of a subclass, with attrs set."""
     view = cls.__new__(cls)
     view.__dict__.update(copy.copy(engine.__dict__))
@@ -264,10 +266,10 @@ def _timed_infer(path: str, view: Engine, runner: TimedRunner, items: Sequence[I
                  settings: dict[str, Any]) -> PathRun:
     device = view.device
     peak_memory_reset(device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     outcomes = view.infer(items)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     return PathRun(path, len(items), seconds, list(runner.records), outcomes[:keep], peak_memory(device), settings)
 
@@ -311,11 +313,11 @@ def reference_style(engine: Engine, items: Sequence[Item], keep: int = 500) -> P
     `engine` must hold fp32 weights and run fp32 (its model is called directly, no autocast).
     """
     device = engine.device
-    flops = _flops_fn(engine)
+    flops = flops_fn(engine)
     records: list[BatchRecord] = []
     outcomes: list[Outcome] = []
     peak_memory_reset(device)
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for text, schema in items:
         outcome = Outcome()
@@ -332,10 +334,10 @@ def reference_style(engine: Engine, items: Sequence[Item], keep: int = 500) -> P
                 forwards = solver.send(links) if links is not None else next(solver)
                 links = []
                 for forward in forwards:
-                    _sync(device)
+                    sync(device)
                     t0 = time.perf_counter()
                     links.append(_reference_forward(engine, forward))
-                    _sync(device)
+                    sync(device)
                     n = len(forward.ids)
                     records.append(BatchRecord(1, n, n, time.perf_counter() - t0, flops(n)))
                 outcome.forwards += len(forwards)
@@ -343,7 +345,7 @@ def reference_style(engine: Engine, items: Sequence[Item], keep: int = 500) -> P
             outcome.output = done.value
         except Exception as exc:  # as the engine does: one failing request costs only itself
             outcome.error = RequestError("inference_error", f"{type(exc).__name__}: {exc}")
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     return PathRun("reference_style", len(items), seconds, records, outcomes[:keep], peak_memory(device),
                    {"dtype": "fp32", "batch": 1})
@@ -380,8 +382,8 @@ def competent_user(engine: Engine, items: Sequence[Item], batch: int = 32, keep:
     dtype = dtype or competent_user_dtype(engine.device)
     inner = ForwardRunner(engine.runner.model, engine.tokenizer.special, engine.device, dtype)
     inner.score = engine.runner.score
-    runner = TimedRunner(inner, _flops_fn(engine))
-    view = _engine_view(engine, FixedBatchEngine, runner=runner, fixed_batch=batch, pipeline_depth=1,
+    runner = TimedRunner(inner, flops_fn(engine))
+    view = engine_view(engine, FixedBatchEngine, runner=runner, fixed_batch=batch, pipeline_depth=1,
                         admit_batches=None)
     return _timed_infer("competent_user", view, runner, items, keep, {"dtype": dtype, "batch": batch})
 
@@ -391,8 +393,8 @@ def competent_user(engine: Engine, items: Sequence[Item], batch: int = 32, keep:
 
 def engine_path(engine: Engine, items: Sequence[Item], budget: int, keep: int = 500) -> PathRun:
     """The engine (`Engine.infer`, token-budget batching) at `budget` padded tokens per batch."""
-    runner = TimedRunner(engine.runner, _flops_fn(engine))
-    view = _engine_view(engine, runner=runner, batch_tokens=budget)
+    runner = TimedRunner(engine.runner, flops_fn(engine))
+    view = engine_view(engine, runner=runner, batch_tokens=budget)
     return _timed_infer("engine", view, runner, items, keep,
                         {"dtype": engine.dtype, "budget": budget, "max_batch": engine.max_batch,
                          "batch_cost": engine.batch_cost})
@@ -400,7 +402,7 @@ def engine_path(engine: Engine, items: Sequence[Item], budget: int, keep: int = 
 
 def plain_infer(engine: Engine, items: Sequence[Item]) -> list[Outcome]:
     """Untimed `Engine.infer` on a throw-away view (fresh stats), e.g. for warm-up or references."""
-    return _engine_view(engine).infer(items)
+    return engine_view(engine).infer(items)
 
 
 # -------------------------------------------------------------------------------- agreement

@@ -6,10 +6,12 @@ one process that owns the model (`engine.device_server`). Here that one process 
 itself: its engine serves `hosts` spawned host processes from a thread, so (a), (b) and this (c)
 run on the same card, the same model object and the same CUDA context, as the bench promises.
 
-Each host process takes every `hosts`-th message, warms up on the first `warm / hosts` of its share
-(the one-process pass's warm-up, shared out), says so and waits for the bench's go, then runs its share in calls of `chunk` messages (so the device is
-fed before a host has walked its whole share). The time is from the go to the last host's answer; batches are recorded in the device thread as in the one-process pass (their
-latency there runs from the batch's arrival in this process to its links on the host).
+Each host process takes every `hosts`-th message and warms up on the first `warm / hosts` of its
+share (the one-process pass's warm-up, shared out). It then says so, waits for the bench's go, and
+runs its share in calls of `chunk` messages, so the device is fed before a host has walked its
+whole share. The time runs from the go to the last host's answer. Batches are recorded in the
+device thread as in the one-process pass; their latency runs from the batch's arrival in this
+process to its links on the host.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 from ..engine.device_server import DeviceServer
 from ..engine.engine import Engine, Outcome
 from ..engine.packing import Packed
-from .baselines import PathRun, TimedRunner, _engine_view, _flops_fn, _sync, peak_memory, peak_memory_reset
+from .baselines import PathRun, TimedRunner, engine_view, flops_fn, sync, peak_memory, peak_memory_reset
 from .workloads import load_workload
 
 _TIMEOUT_S = 1800.0
@@ -61,8 +63,8 @@ def served_path(engine: Engine, engine_kwargs: dict[str, Any], workload: str, sh
 
     The host processes' engines get `engine_kwargs` too (those that concern the device are unused
     there), so settings such as `admit_batches` or `batch_cost` apply on both sides of the bench."""
-    runner = _ArrivalTimedRunner(engine.runner, _flops_fn(engine))
-    server = DeviceServer(_engine_view(engine, runner=runner))
+    runner = _ArrivalTimedRunner(engine.runner, flops_fn(engine))
+    server = DeviceServer(engine_view(engine, runner=runner))
     ctx = mp.get_context("spawn")
     pairs = [ctx.Pipe() for _ in range(hosts)]
     for _, server_end in pairs:
@@ -87,7 +89,7 @@ def served_path(engine: Engine, engine_kwargs: dict[str, Any], workload: str, sh
         start = time.perf_counter()
         go.set()
         got = _gather(results, procs)
-        _sync(engine.device)
+        sync(engine.device)
         seconds = time.perf_counter() - start
     finally:
         for proc in procs:  # after a failure, at once: the others would wait for a go that never comes
