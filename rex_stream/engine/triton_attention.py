@@ -107,10 +107,13 @@ if triton is not None:
     # batch (and head) strides made the bf16 kernel 7-40% slower (B=64 L=128: 129 -> 168 us).
     @triton.jit
     def _token_attributes(POS, GROUP, SLOT, VALID, index, inside):
-        """Position id, group, slot and validity of the tokens at flat [B*L] `index` (masked: none)."""
+        """Position id, group, slot and validity of the tokens at flat [B*L] `index` (masked: none).
+
+        All as int32 (the inputs are int64; their values are token counts): the tile's comparisons
+        then take one instruction each instead of a pair."""
         pos = tl.load(POS + index, mask=inside, other=0).to(tl.int32)
-        group = tl.load(GROUP + index, mask=inside, other=-1)
-        slot = tl.load(SLOT + index, mask=inside, other=-1)
+        group = tl.load(GROUP + index, mask=inside, other=-1).to(tl.int32)
+        slot = tl.load(SLOT + index, mask=inside, other=-1).to(tl.int32)
         valid = tl.load(VALID + index, mask=inside, other=0) != 0
         return pos, group, slot, valid
 
@@ -177,10 +180,13 @@ if triton is not None:
             p2c_ptrs = P2C + table + offs_n.to(tl.int64)[:, None] * RS + d_t
             p2c = tl.trans(tl.load(p2c_ptrs, mask=in_n[:, None] & in_m[None, :], other=0.0)).to(tl.float32)
 
-            other_group = (grp_i[:, None] >= 0) & (grp_j[None, :] >= 0) & (grp_i[:, None] != grp_j[None, :])
-            other_type = ((grp_i[:, None] >= 0) & (grp_i[:, None] == grp_j[None, :])
-                          & (slt_i[:, None] >= 0) & (slt_j[None, :] >= 0) & (slt_i[:, None] != slt_j[None, :]))
-            allowed = inside & val_i[:, None] & val_j[None, :] & ~other_group & ~other_type
+            # Prompt isolation (`fast_attention.layout_allowed`): two prompt tokens (group >= 0) see each
+            # other only in the same group and, where both have a slot, the same slot. The per-token
+            # tests are vectors; `valid` is False outside the row, so it also masks the tile's edges.
+            both_prompt = (grp_i >= 0)[:, None] & (grp_j >= 0)[None, :]
+            both_slot = (slt_i >= 0)[:, None] & (slt_j >= 0)[None, :]
+            apart = (grp_i[:, None] != grp_j[None, :]) | (both_slot & (slt_i[:, None] != slt_j[None, :]))
+            allowed = val_i[:, None] & val_j[None, :] & ~(both_prompt & apart)
 
             # Scores in log2 units: exp2(x * log2 e) == exp(x).
             s = qk * qk_scale + (c2p + p2c) * LOG2E
