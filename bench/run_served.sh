@@ -13,6 +13,6 @@ export PYTHONUNBUFFERED=1
 bash bench/device_prologue.sh "$res"
 timeout ${REX_T_BENCH:-540} $py -m rex_stream.cli bench --workload "$workloads" --messages "$messages" \
     --model "$base" --device cuda --budgets 131072 --baseline-a-messages 60 --agreement-messages 300 \
-    --warmup-messages 2048 --host-processes "$hosts" --host-chunk "${REX_HOST_CHUNK:-1024}" \
+    --warmup-messages 2048 --host-processes "$hosts" --host-chunk "${REX_HOST_CHUNK:-5000}" \
     --engine-kwargs '{"attention": "triton"}' --out "$res" 2>&1 | tee "$res/log.txt" \
     | grep -E "^\[bench|engine best|^\(|Error|error" | tail -40

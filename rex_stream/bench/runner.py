@@ -5,8 +5,8 @@ Order per workload: fp32 engine reference outputs on the first `--agreement-mess
 messages; (c) the engine at every `--budgets` value, in this process and, for each nonzero
 `--host-processes` count, with its host work in that many processes served by this one
 (`served`). Every timed pass is preceded by an untimed warm-up of the same path on the first
-`--warmup-messages` messages. The JSON is rewritten after
-every pass (``"complete": false`` until the end), so a run cut short still leaves its numbers.
+`--warmup-messages` messages. The JSON is rewritten after every pass (``"complete": false`` until
+the end), so a run cut short still leaves its numbers.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ DEFAULTS: dict[str, Any] = {
     "workload": "ner", "model": None, "device": "cuda", "messages": "20000", "baseline_a_messages": 200,
     "out": Path("bench/results"), "budgets": "8192,16384,32768,65536", "dtype": None, "warmup_messages": 64,
     "agreement_messages": 500, "batch": 32, "engine_kwargs": None, "threads": None, "host_processes": "0",
-    "host_chunk": 1024,
+    "host_chunk": 5000,
 }
 
 
