@@ -52,6 +52,7 @@ def test_workers_share_a_device_process_and_survive_its_loss(kafka_broker, kafka
     assert set(by_id) == {c["id"] for c in cases}, text[-3000:]
     for c in cases:
         assert by_id[c["id"]]["output"] == c["output"], c["id"]
+    assert "Traceback" not in text  # the loss is reported as log events, not as a raw traceback
     events = [json.loads(line) for line in text.splitlines() if line.startswith("{")]
     assert sum(e["event"] == "device_server_started" for e in events) >= 2  # the first and the restarted one
     assert any(e["event"] == "worker_stopped" and e.get("reason") == "device_lost" for e in events), text[-3000:]

@@ -128,7 +128,11 @@ class EngineServer:
             for ticket in {key[0] for key in pending}:  # type: ignore[index]
                 if not ticket.future.done():
                     ticket.future.set_exception(exc)
-            raise
+            # A lost device process is expected (the worker logs it as worker_stopped, reason
+            # device_lost); anything else is a bug, and the thread's own report shows where. Only the
+            # latter goes to stderr as a raw traceback, which would split other processes' JSON lines.
+            if not isinstance(exc, DeviceLost):
+                raise
 
     def _isolate(self, exc: Exception) -> None:
         """Rerun the requests the failed pipeline held, halving until only the culprit fails."""
