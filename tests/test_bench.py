@@ -153,7 +153,7 @@ def test_served_pass_stops_when_a_host_process_fails(shared_dir: Path, tiny_mode
 
     engine = Engine(tiny_model, device="cpu")
     start = time.monotonic()
-    with pytest.raises(RuntimeError, match="host processes failed"):
+    with pytest.raises(RuntimeError, match="child processes failed"):
         served_path(engine, {"no_such_argument": 1}, "ner", shared_dir, messages=8, hosts=1, budget=4096, keep=4,
                     warm=2, chunk=4)
     assert time.monotonic() - start < 120

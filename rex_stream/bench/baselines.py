@@ -38,7 +38,7 @@ from rex_stream.engine.engine import Engine, EngineStats, Outcome
 from rex_stream.engine.layout import attention_allowed, build_layout
 from rex_stream.engine.recursion import Forward, Solver, solve
 from rex_stream.engine.requests import RequestError, validate
-from rex_stream.engine.runner import Fetched, ForwardRunner, HostLinks, split_links
+from rex_stream.engine.runner import Fetched, ForwardRunner, HostLinks
 
 Item = tuple[Any, Any]
 
@@ -236,8 +236,7 @@ class TimedRunner:
                                         sum(self._flops(n) for n in lengths), device_seconds))
         return links
 
-    def collect(self, fetched: Fetched) -> list[Links]:
-        return split_links(self.host_links(fetched), fetched.prepared.nh, fetched.prepared.cls)
+    collect = ForwardRunner.collect  # the same split, over the recording `host_links` above
 
 
 def flops_fn(engine: Engine) -> Callable[[int], int]:

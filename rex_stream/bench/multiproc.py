@@ -6,7 +6,7 @@ over the host's cores while their batches share the card — the same layout as
 `rex-stream run --gpus all --workers-per-gpu N`.
 
 `python -m rex_stream.bench.multiproc --model DIR --workload ner --procs 1,2,4,8`
-All processes load the model, warm up, then start together at a barrier; the rate is all
+All processes load the model, warm up, then start together on one signal; the rate is all
 messages over the slowest process's time. With `--device-server` the processes do the host work
 only and one device process (`engine.device_server`) runs every batch on the one GPU.
 """
@@ -16,16 +16,23 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .report import write_json
 
-WARMUP_MESSAGES = 128  # each process's untimed run before the barrier, unless told otherwise
+WARMUP_MESSAGES = 128  # each process's untimed run before the start, unless told otherwise
+_TIMEOUT_S = 1800.0
 
 
-def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: Any, link: Any) -> None:
+def _child(rank: int, procs: int, args: dict[str, Any], link: Any, go: Any, results: Any) -> None:
+    """One process of a layout: every `procs`-th message of the workload, warmed up, then timed from `go`.
+
+    Puts its rank once warmed up, then (rank, messages, seconds, forwards, real tokens, padded tokens,
+    batch cost, the outcomes of its messages with index < `args["keep"]` as (index, outcome))."""
     import torch
 
     from ..engine.engine import Engine
@@ -35,40 +42,84 @@ def _child(rank: int, procs: int, args: dict[str, Any], barrier: Any, results: A
         torch.cuda.set_device(rank % args["gpus"])
     items = load_workload(args["workload"], args["shared"], args["messages"])[rank::procs]
     device = f"cuda:{rank % args['gpus']}" if args["device"] == "cuda" else args["device"]
+    kwargs = {"attention": args["attention"], "batch_cost": args.get("batch_cost"), **args.get("engine_kwargs", {})}
     engine = Engine(args["model"], device=device, dtype=args["dtype"], batch_tokens=args["batch_tokens"],
-                    attention=args["attention"], device_link=link, batch_cost=args.get("batch_cost"))
+                    device_link=link, **kwargs)
     engine.infer(items[:args["warmup"]])
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
-    barrier.wait()
+    results.put(rank)
+    go.wait(timeout=_TIMEOUT_S)
     start = time.perf_counter()
-    chunk = args["chunk"]
+    chunk, keep, kept = args["chunk"], args.get("keep", 0), []
     for i in range(0, len(items), chunk):
-        engine.infer(items[i:i + chunk])
+        outcomes = engine.infer(items[i:i + chunk])
+        kept += [(rank + procs * (i + j), o) for j, o in enumerate(outcomes) if rank + procs * (i + j) < keep]
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
     stats = engine.stats  # the warm-up's counts included
-    results.put((rank, len(items), time.perf_counter() - start, stats.forwards, stats.real_tokens, stats.padded_tokens))
     if link is not None:
         engine.runner.close()
+    results.put((rank, len(items), seconds, stats.forwards, stats.real_tokens, stats.padded_tokens,
+                 engine.batch_cost, kept))
+
+
+def run_children(procs: int, args: dict[str, Any], links: list[Any],
+                 started: Callable[[], None] = lambda: None) -> tuple[list[tuple], float]:
+    """Start `procs` `_child` processes (`links[r]`: rank r's device link, or None), wait until all
+    have warmed up, call `started`, let them go, and collect their results.
+
+    Returns the results by rank and the seconds from the go to the last result. A child that dies
+    stops this at once (RuntimeError) instead of leaving it waiting, and every child is gone on return.
+    """
+    ctx = mp.get_context("spawn")
+    go, results = ctx.Event(), ctx.Queue()
+    children = [ctx.Process(target=_child, args=(r, procs, args, links[r], go, results), daemon=True)
+                for r in range(procs)]
+    for child in children:
+        child.start()
+    for link in links:
+        if link is not None:
+            link.close()  # the children hold their own copies
+    got: list[tuple] = []
+    try:
+        _gather(results, children)  # every child warmed up
+        started()
+        start = time.perf_counter()
+        go.set()
+        got = _gather(results, children)
+        seconds = time.perf_counter() - start
+    finally:
+        for child in children:  # after a failure, at once: the others would wait for a go that never comes
+            child.join(timeout=60 if got else 0)
+            if child.is_alive():
+                child.kill()
+    return sorted(got), seconds
+
+
+def _gather(results: Any, children: list[Any]) -> list[Any]:
+    """One message from every child; a child that dies first stops the run instead of hanging it."""
+    got: list[Any] = []
+    deadline = time.monotonic() + _TIMEOUT_S
+    while len(got) < len(children):
+        try:
+            got.append(results.get(timeout=1.0))
+        except queue.Empty:
+            dead = [c.exitcode for c in children if c.exitcode not in (None, 0)]
+            if dead or time.monotonic() > deadline:
+                raise RuntimeError(f"child processes failed (exit codes {dead}) or timed out") from None
+    return got
 
 
 def measure(procs: int, args: dict[str, Any]) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    barrier = ctx.Barrier(procs)
-    results = ctx.Queue()
     server, links = None, [None] * procs
     if args["device_server"]:
         from ..engine.device_server import start_device_server
 
         server, links, _ = start_device_server(procs, model=args["model"], device=args["device"], dtype=args["dtype"],
                                                attention=args["attention"])
-    children = [ctx.Process(target=_child, args=(r, procs, args, barrier, results, links[r])) for r in range(procs)]
-    for c in children:
-        c.start()
-    got = [results.get(timeout=1800) for _ in children]
-    for c in children:
-        c.join()
+    got, _ = run_children(procs, args, links)
     if server is not None:
         server.join(timeout=60)
     messages = sum(g[1] for g in got)

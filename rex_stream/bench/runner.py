@@ -57,11 +57,16 @@ def _device_info(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _int_list(text: Any, minimum: int, error: str) -> list[int]:
+    """A comma-separated option of integers, each at least `minimum` (ValueError with `error` if not)."""
+    values = [int(v) for v in str(text).replace(" ", "").split(",") if v]
+    if not values or any(v < minimum for v in values):
+        raise ValueError(f"{error}, got {text!r}")
+    return values
+
+
 def _parse_budgets(text: str) -> list[int]:
-    budgets = [int(b) for b in str(text).replace(" ", "").split(",") if b]
-    if not budgets or any(b <= 0 for b in budgets):
-        raise ValueError(f"--budgets needs positive integers, got {text!r}")
-    return budgets
+    return _int_list(text, 1, "--budgets needs positive integers")
 
 
 def _parse_workloads(text: str) -> list[str]:
@@ -73,11 +78,12 @@ def _parse_workloads(text: str) -> list[str]:
 
 
 def _parse_counts(text: Any, workloads: list[str]) -> dict[str, int]:
-    counts = [int(c) for c in str(text).replace(" ", "").split(",") if c]
+    error = "--messages needs one positive count, or one per workload"
+    counts = _int_list(text, 1, error)
     if len(counts) == 1:
         counts *= len(workloads)
-    if len(counts) != len(workloads) or any(c <= 0 for c in counts):
-        raise ValueError(f"--messages needs one positive count, or one per workload, got {text!r}")
+    if len(counts) != len(workloads):
+        raise ValueError(f"{error}, got {text!r}")
     return dict(zip(workloads, counts))
 
 
@@ -88,7 +94,7 @@ def main(args: argparse.Namespace) -> int:
         workloads = _parse_workloads(opts["workload"])
         budgets = _parse_budgets(opts["budgets"])
         opts["messages"] = _parse_counts(opts["messages"], workloads)
-        opts["host_processes"] = served.parse_hosts(opts["host_processes"])
+        opts["host_processes"] = _int_list(opts["host_processes"], 0, "--host-processes needs counts >= 0")
         engine_kwargs = json.loads(opts["engine_kwargs"]) if opts["engine_kwargs"] else {}
     except ValueError as exc:
         print(f"bench: {exc}", file=sys.stderr)
