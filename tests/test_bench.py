@@ -142,6 +142,18 @@ def test_multiproc_runs_every_message_once_per_layout(shared_dir: Path, tiny_mod
     assert row["seconds"] > 0 and row["msgs_s"] == pytest.approx(40 / row["seconds"])
 
 
+def test_multiproc_serves_each_gpu_from_its_own_device_process(shared_dir: Path, tiny_model: Path) -> None:
+    """`--device-server --gpus 2`: two device processes (here both on the CPU), three host processes
+    spread over them (ranks 0 and 2 on the first, 1 on the second); every message is answered once."""
+    from rex_stream.bench.multiproc import measure
+
+    args = {"model": str(tiny_model), "workload": "ner", "messages": 30, "device": "cpu", "dtype": "fp32",
+            "batch_tokens": 8192, "chunk": 8, "gpus": 2, "attention": "sdpa", "device_server": True,
+            "warmup": 2, "shared": str(shared_dir)}
+    row = measure(3, args)
+    assert row["procs"] == 3 and row["messages"] == 30 and row["forwards"] >= 30
+
+
 def test_served_pass_stops_when_a_host_process_fails(shared_dir: Path, tiny_model: Path) -> None:
     """A host process that dies (here on an engine argument it cannot take) fails the served pass at
     once, and the device thread ends, instead of the bench waiting for answers that never come."""

@@ -8,7 +8,7 @@ over the host's cores while their batches share the card — the same layout as
 `python -m rex_stream.bench.multiproc --model DIR --workload ner --procs 1,2,4,8`
 All processes load the model, warm up, then start together on one signal; the rate is all
 messages over the slowest process's time. With `--device-server` the processes do the host work
-only and one device process (`engine.device_server`) runs every batch on the one GPU.
+only and one device process per GPU (`engine.device_server`) runs every batch on its GPU.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def _child(rank: int, procs: int, args: dict[str, Any], link: Any, go: Any, resu
     from ..engine.engine import Engine
     from .workloads import load_workload
 
-    if args["gpus"] > 1:
+    if args["gpus"] > 1 and args["device"] == "cuda":
         torch.cuda.set_device(rank % args["gpus"])
     items = load_workload(args["workload"], args["shared"], args["messages"])[rank::procs]
     device = f"cuda:{rank % args['gpus']}" if args["device"] == "cuda" else args["device"]
@@ -113,14 +113,20 @@ def _gather(results: Any, children: list[Any]) -> list[Any]:
 
 
 def measure(procs: int, args: dict[str, Any]) -> dict[str, Any]:
-    server, links = None, [None] * procs
-    if args["device_server"]:
+    servers, links = [], [None] * procs
+    if args["device_server"]:  # one device process per GPU, serving the ranks r with r % gpus == its GPU
         from ..engine.device_server import start_device_server
 
-        server, links, _ = start_device_server(procs, model=args["model"], device=args["device"], dtype=args["dtype"],
-                                               attention=args["attention"])
+        for g in range(min(args["gpus"], procs)):
+            ranks = range(g, procs, args["gpus"])
+            device = f"cuda:{g}" if args["device"] == "cuda" and args["gpus"] > 1 else args["device"]
+            server, server_links, _ = start_device_server(len(ranks), model=args["model"], device=device,
+                                                          dtype=args["dtype"], attention=args["attention"])
+            servers.append(server)
+            for r, link in zip(ranks, server_links):
+                links[r] = link
     got, _ = run_children(procs, args, links)
-    if server is not None:
+    for server in servers:
         server.join(timeout=60)
     messages = sum(g[1] for g in got)
     slowest = max(g[2] for g in got)
@@ -142,12 +148,10 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=2048, help="messages per engine.infer call")
     p.add_argument("--warmup", type=int, default=WARMUP_MESSAGES, help="messages each process runs before the timed pass")
     p.add_argument("--device-server", action="store_true",
-                   help="one process owns the GPU; the --procs processes only do the host work")
+                   help="one process per GPU owns it; the --procs processes only do the host work")
     p.add_argument("--batch-cost", type=int, default=None, help="planner cost per batch, in padded tokens (default: the engine's)")
     p.add_argument("--out", type=Path)
     a = p.parse_args()
-    if a.device_server and a.gpus > 1:
-        p.error("--device-server runs one device process: use it with --gpus 1")
     args = {"model": a.model, "workload": a.workload, "messages": a.messages, "device": a.device, "dtype": a.dtype,
             "batch_tokens": a.batch_tokens, "chunk": a.chunk, "gpus": a.gpus, "attention": a.attention,
             "device_server": a.device_server, "warmup": a.warmup, "batch_cost": a.batch_cost, "shared": os.environ.get("REX_SHARED", "../shared")}

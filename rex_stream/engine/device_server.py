@@ -208,6 +208,9 @@ def _guarded(stage: Any) -> Any:
 def _device_main(engine_kwargs: dict[str, Any], links: list[Connection], ready: Connection) -> None:
     from .engine import Engine
 
+    device = torch.device(engine_kwargs.get("device", "cpu"))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # Triton launches and new streams go to the current device
     engine = Engine(**engine_kwargs)
     ready.send(engine.runner.model.fast_path_status())
     ready.close()
