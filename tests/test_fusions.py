@@ -169,7 +169,7 @@ def fused_path(monkeypatch) -> list[int]:
         return addmm_activation(*args, **kwargs)
 
     monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
-    monkeypatch.setattr(triton_attention, "disentangled_attention", triton_attention.reference_attention)
+    monkeypatch.setattr(triton_attention, "packed_attention", triton_attention.reference_packed_attention)
     monkeypatch.setattr(triton_norm, "add_layer_norm", add_layer_norm)
     monkeypatch.setattr(torch, "_addmm_activation", counted)
     return calls

@@ -64,7 +64,7 @@ def _case_inputs(length: int, dim: int, dtype: torch.dtype, device: str = "cpu")
 
 # The kernel's runtime ints that change with the batch shape: specialising on them (value 1, a
 # multiple of 16) would compile a new kernel for many batches. The strides stay specialised.
-SHAPE_INTS = {"B", "H", "L", "R", "RS", "offset"}
+SHAPE_INTS = {"B", "H", "L", "N", "R", "RS", "offset"}
 
 
 def _unspecialised(kernel: Any) -> set[str] | None:
@@ -97,6 +97,7 @@ def _kernel_checks() -> list[dict[str, Any]]:
                 "rel_err": float((got.float() - ref).abs().max() / ref.abs().max()),
                 "finite": bool(torch.isfinite(got).all()), "dead_rows_zero": bool((dead == 0).all()),
             })
+    out.extend(_packed_checks())
     out.extend(_norm_checks())
     out.extend(_rotary_checks())
     # The cases above ran the interpreted kernel for several L (1, 7, 37, 70); the interpreter never
@@ -104,6 +105,29 @@ def _kernel_checks() -> list[dict[str, Any]]:
     names = _unspecialised(triton_attention._disentangled_fwd)
     out.append({"case": "do_not_specialize", "names": None if names is None else sorted(names),
                 "lengths": sorted({length for length, _, _ in KERNEL_CASES})})
+    return out
+
+
+PACKED_CASES = [(37, 16), (70, 32)]
+
+
+def _packed_checks() -> list[dict[str, Any]]:
+    """The model's layout: the rows of a padded case packed back to back (``pack_rows``) through
+    ``packed_attention``, against the padded kernel's output at the same tokens."""
+    out = []
+    for length, dim in PACKED_CASES:
+        args, _ = _case_inputs(length, dim, torch.float32)
+        q, k, v, pos_q, pos_k, pos, group, slot, valid, lengths, offset, scale = args
+        batch, heads = q.shape[:2]
+        padded = triton_attention.disentangled_attention(*args).reshape(batch * length, -1)
+        packing = triton_attention.pack_rows(lengths.tolist(), length, torch.device("cpu"))
+        tokens = [t.transpose(1, 2).reshape(batch * length, heads, dim).index_select(0, packing.index) for t in (q, k, v)]
+        attributes = [t.reshape(-1).index_select(0, packing.index) for t in (pos, group, slot, valid)]
+        got = triton_attention.packed_attention(*tokens, pos_q, pos_k, *attributes, packing.rows, offset, scale)
+        out.append({"case": f"packed-L{length}-D{dim}", "shape": list(got.shape), "tokens": int(lengths.sum()),
+                    "index_is_row_prefixes": packing.index.tolist() == [b * length + i for b, n in enumerate(lengths.tolist())
+                                                                       for i in range(n)],
+                    "max_diff": float((got - padded.index_select(0, packing.index)).abs().max())})
     return out
 
 
@@ -261,6 +285,15 @@ def test_kernel_matches_reference(kernel_results, length: int, dim: int, dtype: 
     assert row["rel_err"] <= (KERNEL_TOL if dtype == "float32" else LOW_PRECISION_TOL), row
 
 
+@pytest.mark.parametrize(("length", "dim"), PACKED_CASES, ids=lambda x: str(x))
+def test_packed_rows_match_the_padded_kernel(kernel_results, length: int, dim: int) -> None:
+    row = kernel_results[f"packed-L{length}-D{dim}"]
+    # Rows of 3 tokens: L, half of L and one; packed, they are those tokens only, with the same context.
+    assert row["shape"] == [row["tokens"], 2 * dim] and row["tokens"] == length + max(1, length // 2) + 1, row
+    assert row["index_is_row_prefixes"], row
+    assert row["max_diff"] <= 1e-6, row
+
+
 @pytest.mark.parametrize(("batch", "length", "width", "halves"), ROTARY_CASES, ids=lambda x: str(x))
 def test_rotary_kernel_matches_eager(kernel_results, batch: int, length: int, width: int, halves: bool) -> None:
     for n in range(2 if halves else 1):
@@ -286,7 +319,7 @@ def test_interpreted_kernel_does_not_specialise_on_shapes(kernel_results) -> Non
 
 
 def test_kernel_does_not_specialise_on_shapes() -> None:
-    """The compiled (non-interpreter) kernel object: B, H, L, R, offset unspecialised, strides specialised."""
+    """The compiled (non-interpreter) kernel object: B, H, L, N, R, RS, offset unspecialised, strides specialised."""
     if triton_attention._IMPORT_ERROR is not None:
         pytest.skip(f"triton not importable: {triton_attention._IMPORT_ERROR}")
     names = _unspecialised(triton_attention._disentangled_fwd)
@@ -377,15 +410,15 @@ def test_no_cuda_no_interpreter_falls_back(model, tiny_model: Path, monkeypatch)
 
 
 def test_model_plumbing_with_reference_kernel(model, tiny_model: Path, monkeypatch) -> None:
-    """The model's triton route (lengths, offset, [B, L, H*D] output) with the dense reference as kernel."""
+    """The model's triton route (packed rows, offset, [T, H*D] output) with the dense reference as kernel."""
     calls = []
 
     def kernel(*args: Any, **kwargs: Any) -> torch.Tensor:
         calls.append(args)
-        return triton_attention.reference_attention(*args, **kwargs)
+        return triton_attention.reference_packed_attention(*args, **kwargs)
 
     monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
-    monkeypatch.setattr(triton_attention, "disentangled_attention", kernel)
+    monkeypatch.setattr(triton_attention, "packed_attention", kernel)
     t = _batch()
     ref = _forward(model, t)
     assert model.set_attention("triton") == "triton"
@@ -393,9 +426,29 @@ def test_model_plumbing_with_reference_kernel(model, tiny_model: Path, monkeypat
     assert model.attention == "triton" and len(calls) == model.cfg.num_hidden_layers  # the self-check reruns SDPA only
     keep = t["valid"][:, :, None] & t["valid"][:, None, :]
     assert (got - ref).abs()[keep].max() <= 1e-5 * ref.abs()[keep].max()
-    lengths = calls[0][9]
-    assert lengths.dtype == torch.int32 and lengths.tolist() == t["valid"].sum(-1).tolist()
+    # The layers ran on the valid tokens only (they are row prefixes here), packed back to back.
+    lengths = t["valid"].sum(-1)
+    q, rows = calls[0][0], calls[0][9]
+    assert q.shape[0] == int(lengths.sum()) < t["valid"].numel()
+    assert rows.lengths.dtype == torch.int32 and rows.lengths.tolist() == lengths.tolist()
+    assert rows.starts.tolist() == (torch.cumsum(lengths, 0) - lengths).tolist() and rows.width == t["valid"].shape[1]
     assert model.fast_path_status()["self_checks"]["triton/cpu/float32"] < 1e-5
+
+
+def test_encode_packs_host_lengths_without_reading_the_mask(model, monkeypatch) -> None:
+    """Lengths given on the host (as the runner gives them) size the packing: the same hidden states
+    as lengths read from the mask, and a row shortened on the host is cut there."""
+    monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
+    monkeypatch.setattr(triton_attention, "packed_attention", triton_attention.reference_packed_attention)
+    t = _batch()
+    model.set_attention("triton")
+    args = (t["ids"], t["pos"], None, t["valid"])
+    with torch.no_grad():
+        read = model.encode(*args, group=t["group"], slot=t["slot"])
+        given = model.encode(*args, group=t["group"], slot=t["slot"], lengths=t["valid"].sum(-1).tolist())
+        short = model.encode(*args, group=t["group"], slot=t["slot"], lengths=[5, 5, 5])
+    assert torch.equal(read, given)
+    assert (short[:, 5:] == 0).all() and (short[:, :5] != 0).any(-1).all()
 
 
 def test_kernel_error_falls_back_once(model, tiny_model: Path, monkeypatch, caplog) -> None:
@@ -403,7 +456,7 @@ def test_kernel_error_falls_back_once(model, tiny_model: Path, monkeypatch, capl
         raise RuntimeError("synthetic triton failure 4b7e")
 
     monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
-    monkeypatch.setattr(triton_attention, "disentangled_attention", broken)
+    monkeypatch.setattr(triton_attention, "packed_attention", broken)
     t = _batch()
     ref = _forward(model, t)
     model.set_attention("triton")
@@ -418,8 +471,8 @@ def test_kernel_error_falls_back_once(model, tiny_model: Path, monkeypatch, capl
 
 def test_self_check_mismatch_falls_back(model, tiny_model: Path, monkeypatch) -> None:
     monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
-    monkeypatch.setattr(triton_attention, "disentangled_attention",
-                        lambda *a, **k: triton_attention.reference_attention(*a, **k) * 1.5)
+    monkeypatch.setattr(triton_attention, "packed_attention",
+                        lambda *a, **k: triton_attention.reference_packed_attention(*a, **k) * 1.5)
     t = _batch()
     ref = _forward(model, t)
     model.set_attention("triton")

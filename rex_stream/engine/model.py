@@ -13,8 +13,9 @@ Deviations from the reference that do not change single-request results:
 
 Optional fast paths, off by default (the default is the exact SDPA path the golden tests pin):
 ``set_attention("flex")`` (FlexAttention, see ``fast_attention``), ``set_attention("triton")`` (a
-fused Triton kernel, see ``triton_attention``; in bf16/fp16 it also fuses each block's residual add,
-LayerNorm and cast, see ``triton_norm``) and ``compile_encoder()`` (``torch.compile``). Each
+fused Triton kernel, see ``triton_attention``; the layers then run on the rows' tokens packed back
+to back, without padding; in bf16/fp16 it also fuses each block's residual add, LayerNorm and cast,
+see ``triton_norm``) and ``compile_encoder()`` (``torch.compile``). Each
 is self-checked against the SDPA path on its first batch per (device type, dtype) and falls back to
 it, with one logged warning, on any error or mismatch; ``fast_path_status()`` reports what ran.
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -155,6 +156,9 @@ class _Layer(nn.Module):
             self.qkv = (torch.cat([lin.weight for lin in linears]), torch.cat([lin.bias for lin in linears]))
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, L, hidden] -> [B, H, L, D]; packed tokens (the triton path) [T, hidden] -> [T, H, D]."""
+        if x.dim() == 2:
+            return x.view(x.shape[0], self.heads, -1)
         b, length, _ = x.shape
         return x.view(b, length, self.heads, -1).transpose(1, 2)
 
@@ -182,7 +186,8 @@ class _Layer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's output and, with ``low`` (fused norms), its copy in that dtype.
 
-        ``attend(q, k, v, pos_q, pos_k)`` returns the [B, L, H*D] context, dead rows already zero;
+        ``x`` is [B, L, hidden], or [T, hidden] packed tokens on the triton path.
+        ``attend(q, k, v, pos_q, pos_k)`` returns the [B, L, H*D] ([T, H*D]) context, dead rows already zero;
         ``x_low``, if given, is ``x`` already in the matmul dtype (saves autocast's cast);
         ``gelu_epilogue`` computes the intermediate with ``_linear_gelu``.
         """
@@ -236,20 +241,19 @@ def _flex_attend(
 
 
 def _triton_attend(
-    pos: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor, offset: int, scale: float,
-    reach: int,
+    pos: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
+    packing: triton_attention.Packing, offset: int, scale: float, reach: int,
 ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    """The fused Triton kernel: bias gathered in-kernel, isolation from group/slot, output [B, L, H*D].
+    """The fused Triton kernel on packed tokens: bias gathered in-kernel, isolation from group/slot,
+    q/k/v [T, H, D] in, context [T, H*D] out.
 
     The position tables it gets may hold rows beyond the ``reach`` reachable ones (see ``_encode_core``).
     """
-    # Keys beyond a row's last valid token are never visited (rows with nothing allowed come out 0).
-    index = torch.arange(1, valid.shape[1] + 1, device=valid.device, dtype=torch.int32)
-    lengths = torch.where(valid, index, 0).amax(-1) if valid.numel() else index.new_zeros(valid.shape[0])
+    pos, group, slot, valid = (t.reshape(-1).index_select(0, packing.index) for t in (pos, group, slot, valid))
 
     def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor) -> torch.Tensor:
-        return triton_attention.disentangled_attention(q, k, v, pos_q, pos_k, pos, group, slot, valid, lengths,
-                                                       offset, scale, reach=reach)
+        return triton_attention.packed_attention(q, k, v, pos_q, pos_k, pos, group, slot, valid, packing.rows,
+                                                 offset, scale, reach=reach)
 
     return attend
 
@@ -408,14 +412,17 @@ class RexModel(nn.Module):
         *,
         group: torch.Tensor | None = None,
         slot: torch.Tensor | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Link logits [B, L, L], fp32 (fp64 for an fp64 model); padding rows/columns are meaningless.
 
         ``attention_mask`` [B, L, L] (bool) is the prompt-isolation pattern; it may be None when the
         per-token ``group``/``slot`` vectors ([B, L] long, as from ``layout.build_layout``, padding
         -1) are given, and the fused (flex, triton) paths ignore it whenever they are given.
+        ``lengths``: see ``encode``.
         """
-        hidden = self.encode(input_ids, position_ids, attention_mask, token_mask, group=group, slot=slot)
+        hidden = self.encode(input_ids, position_ids, attention_mask, token_mask, group=group, slot=slot,
+                             lengths=lengths)
         # self.attention is still "triton" only if the triton path ran (a failure falls back to sdpa).
         fused = (group is not None and slot is not None
                  and _low_dtype(self.attention, self._compute_dtype(input_ids.device)) is not None)
@@ -575,15 +582,26 @@ class RexModel(nn.Module):
         *,
         group: torch.Tensor | None = None,
         slot: torch.Tensor | None = None,
+        lengths: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Backbone hidden states [B, L, hidden] (autocast dtype or the weights' dtype)."""
+        """Backbone hidden states [B, L, hidden] (autocast dtype or the weights' dtype).
+
+        ``lengths``: each row's length on the host (its valid tokens are a prefix of it), for the
+        triton path's packing; without them it reads them from ``token_mask`` (one device sync).
+        """
         if attention_mask is None and (group is None or slot is None):
             raise ValueError("pass attention_mask, or both group and slot")
         device = input_ids.device
         compute_dtype = self._compute_dtype(device)
         self._fuse_qkv()  # no-op unless the fused QKV weights were wanted and cleared since
+        packing = None
+        if self.attention == "triton" and group is not None and slot is not None:
+            if lengths is None:
+                index = torch.arange(1, token_mask.shape[1] + 1, device=device)
+                lengths = torch.where(token_mask.bool(), index, 0).amax(-1).tolist() if token_mask.numel() else []
+            packing = triton_attention.pack_rows(lengths, input_ids.shape[1], device)
         args = (input_ids, position_ids, attention_mask, token_mask, group, slot,
-                self._relative_tables(device, compute_dtype))
+                self._relative_tables(device, compute_dtype), packing)
         # The triton kernel needs group/slot; a forward given only a dense mask runs SDPA instead.
         while (mode := self.attention) != "sdpa" and not (mode == "triton" and (group is None or slot is None)):
             try:
@@ -612,8 +630,11 @@ class RexModel(nn.Module):
         group: torch.Tensor | None,
         slot: torch.Tensor | None,
         tables: _RelCache,
+        packing: triton_attention.Packing | None = None,
         attention: str = "sdpa",
     ) -> torch.Tensor:
+        """Hidden states [B, L, hidden]. The triton path runs the layers on ``packing``'s tokens only
+        and scatters them back (padding positions come out 0)."""
         device = input_ids.device
         length = input_ids.shape[1]
         # Relative distance d_ij = clamp(pos_i - pos_j + S, 0, 2S-1), shifted to the reachable rows.
@@ -626,7 +647,9 @@ class RexModel(nn.Module):
             valid = token_mask.bool()
             col_alive = valid.unsqueeze(-1)
             if attention == "triton":
-                attend = _triton_attend(position_ids, group, slot, valid, span - lo, self._scale, hi - lo)
+                if packing is None:
+                    raise ValueError("the triton path runs on packed rows: call encode(), which packs them")
+                attend = _triton_attend(position_ids, group, slot, valid, packing, span - lo, self._scale, hi - lo)
                 # Slice the tables to a whole number of TABLE_ALIGN rows (their spare zero rows keep
                 # that in range): the kernel reads only the reachable ones, and no padded copy is made
                 # per layer and forward.
@@ -658,6 +681,9 @@ class RexModel(nn.Module):
         emb = self.plm.embeddings
         x = emb["LayerNorm"](emb["word_embeddings"](input_ids)) * token_mask.unsqueeze(-1)
         embedded = x
+        index = packing.index if attention == "triton" else None
+        if index is not None:
+            x = x.flatten(0, 1).index_select(0, index)  # [T, hidden]: the rows' tokens, no padding
         # The triton path in 16-bit also fuses each block's residual add, LayerNorm and cast (triton_norm).
         low = _low_dtype(attention, tables[0][0].dtype)
         gelu_epilogue = low is not None and "gelu" in self.fusions
@@ -666,7 +692,9 @@ class RexModel(nn.Module):
             pos_q, pos_k = tables[i]
             x, x_low = layer(x, pos_q[:, lo:lo + width], pos_k[:, lo:lo + width], attend, x_low, low, gelu_epilogue)
             if i == 0:
-                x, x_low = self._conv(embedded, x, col_alive), None
+                x, x_low = self._conv(embedded, x, col_alive, index), None
+        if index is not None:
+            x = x.new_zeros(input_ids.numel(), x.shape[-1]).index_copy_(0, index, x).view(*input_ids.shape, -1)
         return x
 
     def link_logits(self, hidden: torch.Tensor, position_ids: torch.Tensor, fused: bool = False) -> torch.Tensor:
@@ -726,9 +754,15 @@ class RexModel(nn.Module):
             self._warn_once(f"{fusion} fusion disabled, running it unfused: {reason}")
             return None
 
-    def _conv(self, embedded: torch.Tensor, layer0: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Mix the kernel-3 conv of the embeddings into layer 0's output (DeBERTa-v2 ConvLayer)."""
+    def _conv(self, embedded: torch.Tensor, layer0: torch.Tensor, keep: torch.Tensor,
+              index: torch.Tensor | None = None) -> torch.Tensor:
+        """Mix the kernel-3 conv of the embeddings into layer 0's output (DeBERTa-v2 ConvLayer).
+
+        The conv runs on the padded [B, L] embeddings (a row's neighbours are its own); with
+        ``index`` (layer 0 ran on packed tokens) its output is packed the same way."""
         conv = self.plm.encoder.conv
         out = conv["conv"](embedded.transpose(1, 2)).transpose(1, 2)
         out = F.gelu(out.masked_fill(~keep, 0))
+        if index is not None:
+            out, keep = out.flatten(0, 1).index_select(0, index), keep.flatten(0, 1).index_select(0, index)
         return conv["LayerNorm"](layer0 + out) * keep

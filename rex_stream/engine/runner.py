@@ -138,8 +138,8 @@ class ForwardRunner:
         return self.prepare(forwards).tensors
 
     @torch.inference_mode()
-    def logits(self, t: dict[str, torch.Tensor]) -> torch.Tensor:
-        """fp32 logits [B, L, L] of one padded batch.
+    def logits(self, t: dict[str, torch.Tensor], lengths: Sequence[int] | None = None) -> torch.Tensor:
+        """fp32 logits [B, L, L] of one padded batch (``lengths``: its rows' lengths, known on the host).
 
         The dense L×L prompt-isolation mask is expanded here only for the SDPA path; the fused
         (flex, triton) paths evaluate isolation from the per-token group/slot vectors themselves.
@@ -152,7 +152,7 @@ class ForwardRunner:
             blocked = ((gi >= 0) & (gj >= 0) & (gi != gj)) | ((gi >= 0) & (gi == gj) & (si >= 0) & (sj >= 0) & (si != sj))
             mask = ~blocked & valid[:, :, None] & valid[:, None, :]
         with self._autocast():
-            return self.model(t["ids"], t["pos"], mask, valid, group=g, slot=s).float()
+            return self.model(t["ids"], t["pos"], mask, valid, group=g, slot=s, lengths=lengths).float()
 
     @torch.inference_mode()
     def launch(self, prepared: Prepared) -> Launched:
@@ -165,7 +165,7 @@ class ForwardRunner:
         """
         t = prepared.tensors
         gpu_start = self._event() if self.timing else None
-        logits = self.logits(t)
+        logits = self.logits(t, prepared.lengths)
         width = logits.shape[1]
         idx = torch.arange(width, device=logits.device)
         text = (idx[None, :] >= t["nh"][:, None]) & t["valid"]

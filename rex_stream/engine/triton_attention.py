@@ -2,26 +2,28 @@
 
 The default ("sdpa") path materialises, per layer, an int64 [B, H, L, L] gather index, two gathered
 bias tensors, their sum and a masked copy, and SDPA then reads the dense bias back. Here none of
-that exists: the two [H, B, L, R] position tables
+that exists, and there is no padding: the model packs its rows back to back on one token axis of T
+tokens (``pack_rows``), so every GEMM of the layer runs on real tokens only. The two [H, T, R]
+position tables
 
 * ``C2P = q @ pos_k^T`` (content-to-position) and ``P2C = k @ pos_q^T`` (position-to-content),
 
 are computed with one batched matmul per table, head-major so each head is a single tall GEMM
-([B*L, D] x [D, R], reading q/k in place; R <= 2L-1 reachable relative distances, tables pre-scaled;
+([T, D] x [D, R], reading q/k in place; R <= 2L-1 reachable relative distances, tables pre-scaled;
 the table rows are padded to a multiple of 8 entries so the GEMM writes aligned rows),
-and one flash-attention style kernel computes, per (batch b, head h) and query tile,
+and one flash-attention style kernel computes, per (row b, head h) and query tile,
 
     score_ij = scale * q_i.k_j + C2P[i, d_ij] + P2C[j, d_ij],
-    d_ij     = clamp(pos[b, i] - pos[b, j] + offset, 0, R - 1)        (offset = S - lo),
+    d_ij     = clamp(pos[i] - pos[j] + offset, 0, R - 1)        (offset = S - lo),
 
 gathering the two bias scalars by pointer arithmetic, masking with the prompt-isolation rule of
-``fast_attention.layout_allowed`` evaluated from the [B, L] ``group``/``slot``/``valid`` vectors,
+``fast_attention.layout_allowed`` evaluated from the per-token ``group``/``slot``/``valid`` vectors,
 and running an online softmax in fp32. A row with no allowed key (padding) comes out exactly 0.
-The output is written as [B, L, H, D], i.e. ready to be viewed as the [B, L, H*D] layer input.
+The output is written as [T, H, D], i.e. ready to be viewed as the [T, H*D] layer input.
 
-Per batch row only the first ``lengths[b]`` keys are visited, and query tiles starting at or
-beyond ``lengths[b]`` store zeros without reading anything (valid tokens form a prefix of a row;
-``lengths[b]`` must be at least the index of the row's last valid token + 1).
+Row b is the tokens ``starts[b] .. starts[b] + lengths[b] - 1`` (``Rows``); only those are visited,
+and query tiles starting at or beyond ``lengths[b]`` do nothing. ``disentangled_attention`` runs the
+same kernel on a padded [B, L] batch (row b starting at b * L; the kernel benchmarks and tests use it).
 
 ``reference_attention`` computes the same thing densely in torch (tests only). On CPU the kernel
 runs under the Triton interpreter when ``TRITON_INTERPRET=1`` was set before this module was
@@ -31,8 +33,10 @@ imported (slow; for tests).
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from rex_stream.engine.fast_attention import layout_allowed
@@ -59,7 +63,7 @@ KERNEL_CONFIGS: dict[str, dict[str, int]] = {
 
 
 # Runtime integers of ``_disentangled_fwd`` that triton must not specialise on (see there).
-DO_NOT_SPECIALIZE = ("B", "H", "L", "R", "RS", "offset")
+DO_NOT_SPECIALIZE = ("B", "H", "L", "N", "R", "RS", "offset")
 
 # Row width of the position tables is padded to a multiple of this: the table GEMM's output rows
 # (R = 2L-1 values, odd) would otherwise be misaligned, and cuBLAS then falls back to an old sm75
@@ -100,11 +104,10 @@ if triton is not None:
     # divisibility hint), so every new (L == 1, L % 16 == 0, R == 1, offset % 16 == 0, ...) combination
     # would compile another kernel: measured on an H100 (triton 3.6), 5 compilations (~1.8 s each) over
     # 64 ragged (B, L) shapes x 2 q/k/v layouts without this list, 1 with it, same kernel time. The
-    # strides stay specialised: for the model's q/k/v views (rows of one [B, L, n*hidden] projection)
-    # the head, row and element strides are constants and the batch stride L * row stride is a
-    # multiple of 16 for every L (hidden sizes are multiples of 16), so they never change the key,
-    # and their divisibility is what lets the compiler vectorise the q/k/v loads: also listing the
-    # batch (and head) strides made the bf16 kernel 7-40% slower (B=64 L=128: 129 -> 168 us).
+    # strides stay specialised: for the model's q/k/v views (rows of one [T, n*hidden] projection)
+    # the token, head and element strides are constants, so they never change the key, and their
+    # divisibility is what lets the compiler vectorise the q/k/v loads: also listing the (then)
+    # batch and head strides made the bf16 kernel 7-40% slower (B=64 L=128: 129 -> 168 us).
     @triton.jit
     def _token_attributes(POS, GROUP, SLOT, VALID, index, inside):
         """Position id, group, slot and validity of the tokens at flat [B*L] `index` (masked: none).
@@ -119,51 +122,55 @@ if triton is not None:
 
     @triton.jit(do_not_specialize=list(DO_NOT_SPECIALIZE))
     def _disentangled_fwd(
-        Q, K, V, C2P, P2C, POS, GROUP, SLOT, VALID, LENGTHS, OUT,
-        stride_qb, stride_qh, stride_qm, stride_qd,
-        stride_kb, stride_kh, stride_kn, stride_kd,
-        stride_vb, stride_vh, stride_vn, stride_vd,
-        B, H, L, R, RS, offset, qk_scale,
+        Q, K, V, C2P, P2C, POS, GROUP, SLOT, VALID, STARTS, LENGTHS, OUT,
+        stride_qt, stride_qh, stride_qd,
+        stride_kt, stride_kh, stride_kd,
+        stride_vt, stride_vh, stride_vd,
+        B, H, L, N, R, RS, offset, qk_scale,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr,
     ):
-        # One program per (query tile, batch*head); tiles of one (b, h) are adjacent, sharing K/V in L2.
+        # One program per (query tile, row*head); tiles of one (row, h) are adjacent, sharing K/V in L2.
+        # Row b's tokens are tokens STARTS[b] .. STARTS[b] + LENGTHS[b] - 1 of the [N] token axis.
         LOG2E: tl.constexpr = 1.4426950408889634
         num_m = tl.cdiv(L, BLOCK_M)
         pid = tl.program_id(0)
         pid_m = pid % num_m
         pid_bh = pid // num_m
-        b = (pid_bh // H).to(tl.int64)
+        b = pid_bh // H
         h = (pid_bh % H).to(tl.int64)
         length = tl.load(LENGTHS + b)
+        start = tl.load(STARTS + b).to(tl.int64)
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        in_m = offs_m < L
+        in_m = offs_m < length
         in_d = offs_d < HEAD_DIM
+        tok_m = start + offs_m  # the query tile's tokens on the token axis
 
-        # Per-query-token attributes (the [B, L] vectors are contiguous).
-        pos_i, grp_i, slt_i, val_i = _token_attributes(POS, GROUP, SLOT, VALID, b * L + offs_m, in_m)
+        # Per-query-token attributes (the [N] vectors are contiguous).
+        pos_i, grp_i, slt_i, val_i = _token_attributes(POS, GROUP, SLOT, VALID, tok_m, in_m)
 
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd
+        q_ptrs = Q + h * stride_qh + tok_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
         q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)
 
-        # The [H, B, L, RS] tables are contiguous (R used columns); row i of (b, h) starts at ((h*B + b)*L + i)*RS.
-        table = (h * B + b) * L * RS
-        c2p_rows = C2P + table + offs_m.to(tl.int64)[:, None] * RS
+        # The [H, N, RS] tables are contiguous (R used columns); token t's row of head h is at (h*N + t)*RS.
+        table = h * N * RS
+        c2p_rows = C2P + table + tok_m[:, None] * RS
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-        # A query tile entirely beyond the row's length visits no key tile and stores zeros.
+        # A query tile entirely beyond the row's length visits no key tile and stores nothing.
         n_end = tl.where(pid_m * BLOCK_M < length, length, 0)
         for start_n in range(0, n_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             in_n = offs_n < length
-            pos_j, grp_j, slt_j, val_j = _token_attributes(POS, GROUP, SLOT, VALID, b * L + offs_n, in_n)
+            tok_n = start + offs_n
+            pos_j, grp_j, slt_j, val_j = _token_attributes(POS, GROUP, SLOT, VALID, tok_n, in_n)
 
-            kt_ptrs = K + b * stride_kb + h * stride_kh + offs_n[None, :] * stride_kn + offs_d[:, None] * stride_kd
+            kt_ptrs = K + h * stride_kh + tok_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
             kt = tl.load(kt_ptrs, mask=in_n[None, :] & in_d[:, None], other=0.0)
             qk = _mma(q, kt, PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
 
@@ -177,7 +184,7 @@ if triton is not None:
             # share sectors; gathered [queries, keys] they were a table row apart (3.5-8 % slower
             # attention on an H200, bench/results/h200-run6/tile_sweep_p2c.jsonl).
             d_t = tl.minimum(tl.maximum(pos_i[None, :] - pos_j[:, None] + offset, 0), R - 1)
-            p2c_ptrs = P2C + table + offs_n.to(tl.int64)[:, None] * RS + d_t
+            p2c_ptrs = P2C + table + tok_n[:, None] * RS + d_t
             p2c = tl.trans(tl.load(p2c_ptrs, mask=in_n[:, None] & in_m[None, :], other=0.0)).to(tl.float32)
 
             # Prompt isolation (`fast_attention.layout_allowed`): two prompt tokens (group >= 0) see each
@@ -197,16 +204,54 @@ if triton is not None:
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
 
-            v_ptrs = V + b * stride_vb + h * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd
+            v_ptrs = V + h * stride_vh + tok_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
             v = tl.load(v_ptrs, mask=in_n[:, None] & in_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
             m_i = m_new
 
         # Rows with nothing allowed have acc == 0 and l_i == 0: they store exactly 0.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        # OUT is [B, L, H, D] contiguous.
-        o_ptrs = OUT + ((b * L + offs_m.to(tl.int64)[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
+        # OUT is [N, H, D] contiguous.
+        o_ptrs = OUT + (tok_m[:, None] * H + h) * HEAD_DIM + offs_d[None, :]
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
+
+
+class Rows(NamedTuple):
+    """Where a batch's rows lie on the kernel's token axis: row b is tokens
+    ``starts[b] .. starts[b] + lengths[b] - 1``."""
+
+    starts: torch.Tensor  # [B] int32
+    lengths: torch.Tensor  # [B] int32, at least the row's last valid token's index + 1
+    width: int  # the longest row's length: query tiles per row
+
+
+class Packing(NamedTuple):
+    """A padded [B, L] batch's rows packed back to back: ``index`` [T] holds each packed token's
+    flat position in [B * L]."""
+
+    index: torch.Tensor
+    rows: Rows
+
+
+def pack_rows(lengths: Sequence[int], width: int, device: torch.device) -> Packing:
+    """The packing of rows of ``lengths`` tokens (each a prefix of a ``width``-wide padded row).
+
+    Built on the host from host lengths and sent in one asynchronous copy, so that sizing the packed
+    tensors never waits for the device.
+    """
+    counts = np.asarray(lengths, dtype=np.int64).reshape(-1)
+    starts = np.cumsum(counts) - counts
+    total = int(counts.sum())
+    index = np.arange(total, dtype=np.int64) + np.repeat(np.arange(len(counts)) * width - starts, counts)
+    host = torch.from_numpy(np.concatenate([index, starts, counts]))
+    if device.type == "cuda":
+        host = host.pin_memory()
+    buf = host.to(device, non_blocking=True)
+    # Two allocations, not two views of one: triton specialises on 16-byte pointer alignment, and the
+    # second half of one [2, B] int32 buffer is aligned only when B is a multiple of 4 (a second
+    # kernel binary, compiled mid-run: seen on an H200 in the first run of this code).
+    starts_d, counts_d = (part.to(torch.int32) for part in buf[total:].view(2, -1).unbind(0))
+    return Packing(buf[:total], Rows(starts_d, counts_d, width))
 
 
 def _config(device: torch.device, config: dict[str, int] | None) -> dict[str, int]:
@@ -215,11 +260,14 @@ def _config(device: torch.device, config: dict[str, int] | None) -> dict[str, in
 
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
             position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
-            lengths: torch.Tensor, offset: int, scale: float, config: dict[str, int], reach: int) -> torch.Tensor:
-    """Run the kernel (tables [H, B, L, RS], the first ``reach`` columns used); returns a new [B, L, H, D] tensor."""
-    batch, heads, length, dim = q.shape
-    out = torch.empty(batch, length, heads, dim, dtype=q.dtype, device=q.device)
-    if out.numel() == 0:
+            starts: torch.Tensor, lengths: torch.Tensor, width: int, offset: int, scale: float,
+            config: dict[str, int], reach: int, zero_rest: bool) -> torch.Tensor:
+    """Run the kernel on the [N] token axis (q/k/v [N, H, D], tables [H, N, RS] with the first
+    ``reach`` columns used, token attributes [N]); returns a new [N, H, D] tensor. Tokens outside
+    every row are not written: zeros with ``zero_rest``, else left uninitialised."""
+    tokens, heads, dim = q.shape
+    out = (torch.zeros if zero_rest else torch.empty)(tokens, heads, dim, dtype=q.dtype, device=q.device)
+    if out.numel() == 0 or starts.numel() == 0:
         return out
     if valid.dtype == torch.bool:
         valid = valid.contiguous().view(torch.int8)  # same bytes, a type triton loads everywhere
@@ -227,12 +275,13 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor
     # cores); for 16-bit inputs "tf32" is triton's default and means nothing.
     ieee = q.dtype == torch.float32 and not (q.device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32)
     block_m, block_n = config["BLOCK_M"], config["BLOCK_N"]
-    grid = (triton.cdiv(length, block_m) * batch * heads,)
+    grid = (triton.cdiv(width, block_m) * starts.numel() * heads,)
     _disentangled_fwd[grid](
         q, k, v, c2p, p2c, position_ids.contiguous(), group.contiguous(), slot.contiguous(), valid,
-        lengths.to(torch.int32).contiguous(), out,
+        starts.to(torch.int32).contiguous(), lengths.to(torch.int32).contiguous(), out,
         *q.stride(), *k.stride(), *v.stride(),
-        batch, heads, length, int(reach), c2p.shape[-1], int(offset), float(scale) * 1.4426950408889634,
+        starts.numel(), heads, int(width), tokens, int(reach), c2p.shape[-1], int(offset),
+        float(scale) * 1.4426950408889634,
         HEAD_DIM=dim, BLOCK_D=max(16, triton.next_power_of_2(dim)), BLOCK_M=block_m, BLOCK_N=block_n,
         PRECISION="ieee" if ieee else "tf32",
         # The interpreter's tl.dot is wrong on bf16 operands (triton 3.9: garbage even for one 16x16
@@ -249,14 +298,14 @@ if triton is not None:
     @torch.library.custom_op("rex_stream::disentangled_attention", mutates_args=())
     def _launch_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
                    position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
-                   lengths: torch.Tensor, offset: int, scale: float, reach: int) -> torch.Tensor:
-        return _launch(q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths, offset, scale,
-                       _config(q.device, None), reach)
+                   starts: torch.Tensor, lengths: torch.Tensor, width: int, offset: int, scale: float, reach: int,
+                   zero_rest: bool) -> torch.Tensor:
+        return _launch(q, k, v, c2p, p2c, position_ids, group, slot, valid, starts, lengths, width, offset, scale,
+                       _config(q.device, None), reach, zero_rest)
 
     @_launch_op.register_fake
     def _(q: torch.Tensor, *args: Any) -> torch.Tensor:
-        batch, heads, length, dim = q.shape
-        return q.new_empty(batch, length, heads, dim)
+        return q.new_empty(q.shape)
 
 
 def _aligned(pos: torch.Tensor) -> torch.Tensor:
@@ -266,15 +315,48 @@ def _aligned(pos: torch.Tensor) -> torch.Tensor:
 
 
 def _table(x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """[H, B, L, R] = x @ pos^T per head, as one bmm of H tall GEMMs.
+    """[H, N, R] = x @ pos^T per head for x [N, H, D], as one bmm of H tall GEMMs.
 
-    For the model's projections ([B, L, n*hidden] outputs viewed as [B, H, L, D]) the head-major
-    [H, B*L, D] view needs no copy; broadcasting x @ pos^T over the batch instead ran B*H small
+    For the model's projections ([N, n*hidden] outputs viewed as [N, H, D]) the head-major
+    [H, N, D] view needs no copy; broadcasting x @ pos^T over the batch instead ran B*H small
     GEMMs on an old kernel plus a copy of x (~14% of GPU time on ner, measured on an H100).
     """
-    batch, heads, length, dim = x.shape
-    flat = x.permute(1, 0, 2, 3).reshape(heads, batch * length, dim)
-    return torch.bmm(flat, pos.transpose(-1, -2)).view(heads, batch, length, -1)
+    return torch.bmm(x.transpose(0, 1), pos.transpose(-1, -2))
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
+               position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
+               rows: Rows, offset: int, scale: float, config: dict[str, Any] | None, reach: int | None,
+               zero_rest: bool) -> torch.Tensor:
+    """Tables and kernel on the token axis (see ``packed_attention``); returns [N, H*D]."""
+    reason = triton_unavailable_reason(q.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    tokens, heads, dim = q.shape
+    reach = pos_k.shape[-2] if reach is None else reach
+    c2p, p2c = _table(q, _aligned(pos_k)), _table(k, _aligned(pos_q))
+    tensors = (q, k, v, c2p, p2c, position_ids, group, slot, valid, rows.starts, rows.lengths)
+    if torch.compiler.is_compiling():
+        out = _launch_op(*tensors, int(rows.width), int(offset), float(scale), reach, zero_rest)
+    else:
+        out = _launch(*tensors, rows.width, offset, scale, _config(q.device, config), reach, zero_rest)
+    return out.view(tokens, heads * dim)
+
+
+def packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
+    position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
+    rows: Rows, offset: int, scale: float, *, config: dict[str, Any] | None = None, reach: int | None = None,
+) -> torch.Tensor:
+    """Attention context [T, H*D] of rows packed back to back on one token axis (no padding).
+
+    q, k, v: [T, H, D] (any strides; the model's are views of one [T, 3*hidden] projection);
+    position_ids, group, slot: [T] int64 (-1: none); valid: [T] bool; ``rows`` says which tokens form
+    each row (``pack_rows``). pos_q, pos_k, offset, scale, config and reach as for
+    ``disentangled_attention``. Every packed token belongs to a row, so every output row is written.
+    """
+    return _attention(q, k, v, pos_q, pos_k, position_ids, group, slot, valid, rows, offset, scale, config, reach,
+                      zero_rest=False)
 
 
 def disentangled_attention(
@@ -283,26 +365,23 @@ def disentangled_attention(
     lengths: torch.Tensor, offset: int, scale: float, *, config: dict[str, Any] | None = None,
     reach: int | None = None,
 ) -> torch.Tensor:
-    """Attention context [B, L, H*D] (q's dtype) of the disentangled attention, fused.
+    """Attention context [B, L, H*D] (q's dtype) of a padded batch, fused (the kernel benchmarks and
+    tests call this; the model packs its rows and calls ``packed_attention``).
 
     q, k, v: [B, H, L, D] (any strides); pos_q, pos_k: [H, R, D] reachable rows of the pre-scaled
     relative projections; position_ids, group, slot: [B, L] int64 (-1: none); valid: [B, L] bool;
-    lengths: [B] int, at least last valid index + 1 per row; ``offset = S - lo``. ``config``
-    overrides the tile configuration of ``KERNEL_CONFIGS``. ``reach``: how many of the tables' rows
-    are reachable (default: all). Tables whose row count is already a multiple of ``TABLE_ALIGN``
-    (the model's cached tables carry spare rows for this) are used without a padded copy.
+    lengths: [B] int, at least last valid index + 1 per row (positions beyond come out 0);
+    ``offset = S - lo``. ``config`` overrides the tile configuration of ``KERNEL_CONFIGS``. ``reach``:
+    how many of the tables' rows are reachable (default: all). Tables whose row count is already a
+    multiple of ``TABLE_ALIGN`` (the model's cached tables carry spare rows for this) are used
+    without a padded copy.
     """
-    reason = triton_unavailable_reason(q.device)
-    if reason is not None:
-        raise RuntimeError(reason)
     batch, heads, length, dim = q.shape
-    reach = pos_k.shape[-2] if reach is None else reach
-    c2p, p2c = _table(q, _aligned(pos_k)), _table(k, _aligned(pos_q))
-    tensors = (q, k, v, c2p, p2c, position_ids, group, slot, valid, lengths)
-    if torch.compiler.is_compiling():
-        out = _launch_op(*tensors, int(offset), float(scale), reach)
-    else:
-        out = _launch(*tensors, offset, scale, _config(q.device, config), reach)
+    starts = torch.arange(batch, device=q.device, dtype=torch.int32) * length
+    q, k, v = (t.transpose(1, 2).reshape(batch * length, heads, dim) for t in (q, k, v))
+    flat = (t.reshape(-1) for t in (position_ids, group, slot, valid))
+    out = _attention(q, k, v, pos_q, pos_k, *flat, Rows(starts, lengths, length), offset, scale, config, reach,
+                     zero_rest=True)
     return out.view(batch, length, heads * dim)
 
 
@@ -322,3 +401,26 @@ def reference_attention(
     scores = scores.masked_fill(~layout_allowed(group, slot, valid)[:, None], float("-inf"))
     ctx = torch.softmax(scores, -1).nan_to_num(0.0) @ v.float()
     return ctx.to(q.dtype).transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def reference_packed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.Tensor, pos_k: torch.Tensor,
+    position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
+    rows: Rows, offset: int, scale: float, *, reach: int | None = None,
+) -> torch.Tensor:
+    """Dense torch version of ``packed_attention`` (tests only): the rows padded, ``reference_attention``,
+    the rows' tokens taken back."""
+    lengths = rows.lengths.long()
+    batch, width = lengths.numel(), rows.width
+    index = (torch.arange(width, device=q.device) < lengths[:, None]).flatten().nonzero().squeeze(1)
+    if not torch.equal(rows.starts.long(), torch.cumsum(lengths, 0) - lengths):
+        raise ValueError("the reference takes rows packed back to back in order")
+
+    def padded(t: torch.Tensor, fill: int = 0) -> torch.Tensor:
+        out = t.new_full((batch * width, *t.shape[1:]), fill)
+        return out.index_copy_(0, index, t).view(batch, width, *t.shape[1:])
+
+    q, k, v = (padded(t).transpose(1, 2) for t in (q, k, v))
+    attributes = (padded(position_ids), padded(group, -1), padded(slot, -1), padded(valid))
+    out = reference_attention(q, k, v, pos_q, pos_k, *attributes, lengths, offset, scale, reach=reach)
+    return out.flatten(0, 1).index_select(0, index)
