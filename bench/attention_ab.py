@@ -1,8 +1,8 @@
 """Attention kernel A/B, same process, same card: `python bench/attention_ab.py PREVIOUS.py MODEL_DIR [N]`.
 
 PREVIOUS.py is an earlier `rex_stream/engine/triton_attention.py` (e.g. `git show REV:rex_stream/
-engine/triton_attention.py > prev.py`); its `_launch` is swapped in for the current one. Prints JSON
-lines:
+engine/triton_attention.py > prev.py`); its `_launch` is swapped in for the current one, so it must
+take the same arguments (REV 2cbb96c or later: the token-axis kernel). Prints JSON lines:
 
 1. per synthetic bf16 batch of the base model (rows x padded length): the whole
    `disentangled_attention` (tables + kernel) with the previous and the current kernel (and any
