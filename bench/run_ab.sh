@@ -9,10 +9,7 @@
 #   5. a kernel profile of the engine on ner
 set -uo pipefail
 res=$1
-py=${PYTHON:-python3}
-base=${REX_BENCH_BASE:-/tmp/rex-random-base}
-export PYTHONUNBUFFERED=1
-bash bench/device_prologue.sh "$res"
+source bench/device_prologue.sh "$res"
 
 timeout 130 $py bench/fusion_ab.py "$base" 20000 2>&1 | tee "$res/fusion_ab.jsonl" | cut -c1-300
 timeout 160 $py bench/scheduler_ab.py "$base" 20000 2>&1 | tee "$res/scheduler_ab.jsonl" | cut -c1-300

@@ -6,10 +6,7 @@
 set -uo pipefail
 res=$1
 runtime=$2
-py=${PYTHON:-python3}
-base=${REX_BENCH_BASE:-/tmp/rex-random-base}
-export PYTHONUNBUFFERED=1
-bash bench/device_prologue.sh "$res"
+source bench/device_prologue.sh "$res"
 mkdir -p /tmp/kafka-rt && tar -xJf "$runtime" -C /tmp/kafka-rt
 export REX_KAFKA_CACHE=/tmp/kafka-rt/kafka-cache REX_KAFKA_JAVA=/tmp/kafka-rt/jre-min/bin/java
 bp="$py -m rex_stream.bench.broker_path --model $base --workload ner --gpus all --warmup 4000 --partitions 8"

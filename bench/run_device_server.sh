@@ -7,11 +7,8 @@
 #   4. mix: host processes with one device process (REX_DS_MIX_PROCS)
 set -uo pipefail
 res=$1
-py=${PYTHON:-python3}
-base=${REX_BENCH_BASE:-/tmp/rex-random-base}
+source bench/device_prologue.sh "$res"
 mp="$py -m rex_stream.bench.multiproc --model $base --batch-tokens 131072 --attention triton"
-export PYTHONUNBUFFERED=1
-bash bench/device_prologue.sh "$res"
 timeout 60 $py bench/golden_gpu.py triton served | tee -a "$res/gpu.txt"
 timeout ${REX_T_BENCH:-240} $py -m rex_stream.cli bench --workload ner,mix --messages 20000,4000 --model "$base" \
     --device cuda --budgets 131072 --baseline-a-messages 60 --agreement-messages 300 --warmup-messages 2048 \

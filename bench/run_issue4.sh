@@ -8,11 +8,8 @@
 #   4. a kernel profile of the engine on ner
 set -uo pipefail
 res=$1
-py=${PYTHON:-python3}
-base=${REX_BENCH_BASE:-/tmp/rex-random-base}
 attention=${REX_BENCH_ATTENTION:-triton}
-export PYTHONUNBUFFERED=1
-bash bench/device_prologue.sh "$res"
+source bench/device_prologue.sh "$res"
 
 timeout ${REX_T_BENCH:-360} $py -m rex_stream.cli bench --workload ner,re,mix \
     --messages "${REX_BENCH_MESSAGES:-20000,20000,4000}" --model "$base" --device cuda --budgets "${REX_BENCH_BUDGETS:-65536}" \

@@ -17,12 +17,10 @@
 set -uo pipefail
 res=$1
 runtime=$2
-py=${PYTHON:-python3}
-base=${REX_BENCH_BASE:-/tmp/rex-random-base}
 steps=" ${REX_MG_STEPS:-scaling served dataparallel broker broker_served} "
 n=$(nvidia-smi -L | wc -l)
-export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
-bash bench/device_prologue.sh "$res"
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1
+source bench/device_prologue.sh "$res"
 mp="$py -m rex_stream.bench.multiproc --model $base --batch-tokens 131072 --attention triton --warmup 2048"
 if [[ $steps == *" scaling "* ]]; then
     for g in 1 "$n"; do

@@ -7,10 +7,7 @@ res=$1
 workloads=${2:-ner,mix}
 messages=${3:-20000,4000}
 hosts=${4:-0,4,8}
-py=${PYTHON:-python3}
-base=${REX_BENCH_BASE:-/tmp/rex-random-base}
-export PYTHONUNBUFFERED=1
-bash bench/device_prologue.sh "$res"
+source bench/device_prologue.sh "$res"
 timeout ${REX_T_BENCH:-540} $py -m rex_stream.cli bench --workload "$workloads" --messages "$messages" \
     --model "$base" --device cuda --budgets 131072 --baseline-a-messages 60 --agreement-messages 300 \
     --warmup-messages 2048 --host-processes "$hosts" --host-chunk "${REX_HOST_CHUNK:-5000}" \

@@ -4,10 +4,7 @@
 # `bench/run_served_ab.sh RESULTS_DIR` -> RESULTS_DIR/served_ab.jsonl (one JSON object per run).
 set -uo pipefail
 res=$1
-py=${PYTHON:-python3}
-base=${REX_BENCH_BASE:-/tmp/rex-random-base}
-export PYTHONUNBUFFERED=1
-bash bench/device_prologue.sh "$res"
+source bench/device_prologue.sh "$res"
 run() {  # workload messages procs chunk cost
     timeout 120 $py -m rex_stream.bench.multiproc --model "$base" --workload "$1" --messages "$2" --procs "$3" \
         --device-server --chunk "$4" --batch-cost "$5" --batch-tokens 131072 --attention triton --warmup 512 \

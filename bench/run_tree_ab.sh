@@ -10,10 +10,7 @@ set -uo pipefail
 res=$(realpath -m "$1")
 prev=$(realpath "$2")
 cur=$PWD
-py=${PYTHON:-python3}
-base=${REX_BENCH_BASE:-/tmp/rex-random-base}
-export PYTHONUNBUFFERED=1
-bash bench/device_prologue.sh "$res"
+source bench/device_prologue.sh "$res"
 timeout 60 $py bench/golden_gpu.py triton | tail -1
 timeout 60 $py bench/golden_gpu.py triton served | tail -1
 bash bench/precision_pair.sh "$res" "$base" triton
