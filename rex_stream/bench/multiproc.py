@@ -28,6 +28,11 @@ WARMUP_MESSAGES = 128  # each process's untimed run before the start, unless tol
 _TIMEOUT_S = 1800.0
 
 
+def _device(args: dict[str, Any], rank: int) -> str:
+    """Where rank `rank`'s model runs: GPU rank % gpus on CUDA, else `args["device"]`."""
+    return f"cuda:{rank % args['gpus']}" if args["device"] == "cuda" else args["device"]
+
+
 def _child(rank: int, procs: int, args: dict[str, Any], link: Any, go: Any, results: Any) -> None:
     """One process of a layout: every `procs`-th message of the workload, warmed up, then timed from `go`.
 
@@ -41,7 +46,7 @@ def _child(rank: int, procs: int, args: dict[str, Any], link: Any, go: Any, resu
     if args["gpus"] > 1 and args["device"] == "cuda":
         torch.cuda.set_device(rank % args["gpus"])
     items = load_workload(args["workload"], args["shared"], args["messages"])[rank::procs]
-    device = f"cuda:{rank % args['gpus']}" if args["device"] == "cuda" else args["device"]
+    device = _device(args, rank)
     kwargs = {"attention": args["attention"], "batch_cost": args.get("batch_cost"), **args.get("engine_kwargs", {})}
     engine = Engine(args["model"], device=device, dtype=args["dtype"], batch_tokens=args["batch_tokens"],
                     device_link=link, **kwargs)
@@ -119,8 +124,7 @@ def measure(procs: int, args: dict[str, Any]) -> dict[str, Any]:
 
         for g in range(min(args["gpus"], procs)):
             ranks = range(g, procs, args["gpus"])
-            device = f"cuda:{g}" if args["device"] == "cuda" and args["gpus"] > 1 else args["device"]
-            server, server_links, _ = start_device_server(len(ranks), model=args["model"], device=device,
+            server, server_links, _ = start_device_server(len(ranks), model=args["model"], device=_device(args, g),
                                                           dtype=args["dtype"], attention=args["attention"])
             servers.append(server)
             for r, link in zip(ranks, server_links):
