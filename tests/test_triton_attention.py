@@ -33,8 +33,10 @@ MODEL_TOL = 1e-3  # logits, relative (the flex tests' bound); measured ~1e-6
 
 KERNEL_CASES = [(length, dim, dtype) for length in (1, 7, 37, 70) for dim in (16, 32) for dtype in ("float32",)]
 KERNEL_CASES += [(37, 24, "float32"), (37, 16, "bfloat16"), (70, 32, "float16")]  # D=24: masked head dim
-TILES = {"cpu": None, "cuda": triton_attention.KERNEL_CONFIGS["cuda"], "odd": {
-    "BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}}
+# None: the CPU policy by width (both of its entries: lengths up to 24 and beyond); every CUDA entry
+# of the policy; and an odd shape.
+TILES: dict[str, dict[str, int] | None] = {"cpu": None, "odd": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}}
+TILES.update({f"cuda{n}": config for n, (_, config) in enumerate(triton_attention.TILE_POLICY["cuda"])})
 
 
 def _case_inputs(length: int, dim: int, dtype: torch.dtype, device: str = "cpu") -> tuple[tuple[Any, ...], torch.Tensor]:
@@ -53,6 +55,9 @@ def _case_inputs(length: int, dim: int, dtype: torch.dtype, device: str = "cpu")
     valid[1, max(1, length // 2) :] = False  # right padding
     valid[2, 1:] = False  # a single real token
     group[2, 1:] = slot[2, 1:] = -1  # padding as the runner writes it; row 1 keeps garbage
+    # Row 0 as the model lays it out: prompt tokens first, then text only (group and slot -1), so
+    # tiles without prompt tokens on one axis take the kernel's short mask.
+    group[0, length // 3:] = slot[0, length // 3:] = -1
     lengths = valid.sum(-1).to(torch.int32)
     if device != "cpu":
         base = qkv.to(device)
@@ -492,3 +497,21 @@ def test_cli_and_settings_accept_triton() -> None:
 
 if __name__ == "__main__":
     _interpreter_main(sys.argv[1:])
+
+
+def test_tile_policy_by_width() -> None:
+    """Each width gets the first entry whose bound covers it; the last entry covers every wider batch;
+    a returned configuration is a copy (a caller's change never reaches the table)."""
+    for device_type in ("cuda", "cpu"):
+        policy = triton_attention.TILE_POLICY[device_type]
+        assert [bound for bound, _ in policy] == sorted(bound for bound, _ in policy)
+        low = 0
+        for bound, config in policy:
+            for width in {low + 1, bound} if bound < 1 << 30 else {low + 1, 1 << 20}:
+                assert triton_attention.tile_config(device_type, width) == config, (device_type, width)
+            low = bound
+    assert triton_attention.tile_config("cpu", 24) != triton_attention.tile_config("cpu", 25)
+    assert triton_attention.tile_config("mps", 90) == triton_attention.tile_config("cuda", 90)
+    got = triton_attention.tile_config("cuda", 90)
+    got["BLOCK_M"] = 1
+    assert triton_attention.tile_config("cuda", 90)["BLOCK_M"] != 1

@@ -53,13 +53,33 @@ except Exception as exc:  # noqa: BLE001  # pragma: no cover - any import failur
 # Read when the kernel below is decorated, as triton.jit itself does: setting it later has no effect.
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "") == "1"
 
-# Tile configuration per device type. Shared memory on CUDA (bf16, D=64, 2 stages): q 8 KiB +
-# k/v 2 x 2 x 8 KiB = 40 KiB (fp32: 80 KiB), far below the H100's 227 KiB. The CPU entry is for the
-# interpreter (tests): small tiles, so short sequences still span several tiles in both directions.
-KERNEL_CONFIGS: dict[str, dict[str, int]] = {
-    "cuda": {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2},
-    "cpu": {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1},
+# Tile configurations per device type, by the rows' width (the batch's longest row): the first entry
+# whose bound covers the width applies. The CUDA table is what `bench/tile_sweep.py` derived on an
+# H200 from the engine's own ner/re/mix batches (BENCHMARKS run 16). Every configuration there uses
+# all 255 registers (the kernel is latency-bound, one or two programs per SM): rows that fit one or two
+# key tiles gain from a single stage (half the shared memory), rows of 81-96 tokens from 32 x 32
+# tiles (a 90-token row fills 4 of 64 x 64 tiles to 49 %, 9 of 32 x 32 ones to 88 %), and long rows
+# from a second stage. The CPU entries are for the interpreter (tests): small tiles, so short
+# sequences still span several tiles in both directions, and two of them, so the tests cross a
+# policy boundary.
+TILE_POLICY: dict[str, tuple[tuple[int, dict[str, int]], ...]] = {
+    "cuda": (
+        (80, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}),
+        (96, {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 2, "num_stages": 2}),
+        (384, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 1}),
+        (1 << 30, {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}),
+    ),
+    "cpu": (
+        (24, {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}),
+        (1 << 30, {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}),
+    ),
 }
+
+
+def tile_config(device_type: str, width: int) -> dict[str, int]:
+    """The tile configuration for rows of at most ``width`` tokens on ``device_type`` (unknown: cuda's)."""
+    policy = TILE_POLICY.get(device_type, TILE_POLICY["cuda"])
+    return dict(next((config for bound, config in policy if width <= bound), policy[-1][1]))
 
 
 # Runtime integers of ``_disentangled_fwd`` that triton must not specialise on (see there).
@@ -110,7 +130,7 @@ if triton is not None:
     # batch and head strides made the bf16 kernel 7-40% slower (B=64 L=128: 129 -> 168 us).
     @triton.jit
     def _token_attributes(POS, GROUP, SLOT, VALID, index, inside):
-        """Position id, group, slot and validity of the tokens at flat [B*L] `index` (masked: none).
+        """Position id, group, slot and validity of the tokens at `index` of the four vectors (masked: none).
 
         All as int32 (the inputs are int64; their values are token counts): the tile's comparisons
         then take one instruction each instead of a pair."""
@@ -141,22 +161,29 @@ if triton is not None:
         h = (pid_bh % H).to(tl.int64)
         length = tl.load(LENGTHS + b)
         start = tl.load(STARTS + b).to(tl.int64)
+        # Everything a program touches lies in its row: scalar 64-bit bases at the row's first token,
+        # int32 offsets within the row (fewer 64-bit operations and registers per tile element).
+        pos_row, grp_row, slt_row, val_row = POS + start, GROUP + start, SLOT + start, VALID + start
+        q_row = Q + h * stride_qh + start * stride_qt
+        k_row = K + h * stride_kh + start * stride_kt
+        v_row = V + h * stride_vh + start * stride_vt
+        # The [H, N, RS] tables are contiguous (R used columns); token t's row of head h is at (h*N + t)*RS.
+        c2p_row = C2P + (h * N + start) * RS
+        p2c_row = P2C + (h * N + start) * RS
 
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
         in_m = offs_m < length
         in_d = offs_d < HEAD_DIM
-        tok_m = start + offs_m  # the query tile's tokens on the token axis
 
-        # Per-query-token attributes (the [N] vectors are contiguous).
-        pos_i, grp_i, slt_i, val_i = _token_attributes(POS, GROUP, SLOT, VALID, tok_m, in_m)
+        # Per-query-token attributes (the [N] vectors are contiguous). The distance offset is folded
+        # into the query positions once, not added per score.
+        pos_i, grp_i, slt_i, val_i = _token_attributes(pos_row, grp_row, slt_row, val_row, offs_m, in_m)
+        pos_i += offset
 
-        q_ptrs = Q + h * stride_qh + tok_m[:, None] * stride_qt + offs_d[None, :] * stride_qd
-        q = tl.load(q_ptrs, mask=in_m[:, None] & in_d[None, :], other=0.0)
-
-        # The [H, N, RS] tables are contiguous (R used columns); token t's row of head h is at (h*N + t)*RS.
-        table = h * N * RS
-        c2p_rows = C2P + table + tok_m[:, None] * RS
+        q = tl.load(q_row + offs_m[:, None] * stride_qt + offs_d[None, :] * stride_qd,
+                    mask=in_m[:, None] & in_d[None, :], other=0.0)
+        c2p_rows = c2p_row + offs_m[:, None] * RS
 
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -167,24 +194,23 @@ if triton is not None:
         for start_n in range(0, n_end, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             in_n = offs_n < length
-            tok_n = start + offs_n
-            pos_j, grp_j, slt_j, val_j = _token_attributes(POS, GROUP, SLOT, VALID, tok_n, in_n)
-
-            kt_ptrs = K + h * stride_kh + tok_n[None, :] * stride_kt + offs_d[:, None] * stride_kd
-            kt = tl.load(kt_ptrs, mask=in_n[None, :] & in_d[:, None], other=0.0)
+            pos_j, grp_j, slt_j, val_j = _token_attributes(pos_row, grp_row, slt_row, val_row, offs_n, in_n)
+            kt = tl.load(k_row + offs_n[None, :] * stride_kt + offs_d[:, None] * stride_kd,
+                         mask=in_n[None, :] & in_d[:, None], other=0.0)
+            v = tl.load(v_row + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
+                        mask=in_n[:, None] & in_d[None, :], other=0.0)
             qk = _mma(q, kt, PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
 
             # Relative distance, then the two bias gathers (pointer arithmetic, no L x L tensor).
-            d = pos_i[:, None] - pos_j[None, :] + offset
-            d = tl.minimum(tl.maximum(d, 0), R - 1)
+            d = tl.minimum(tl.maximum(pos_i[:, None] - pos_j[None, :], 0), R - 1)
             inside = in_m[:, None] & in_n[None, :]
             c2p = tl.load(c2p_rows + d, mask=inside, other=0.0).to(tl.float32)
             # P2C is gathered as a [keys, queries] tile and transposed: along the queries (the fast
             # axis) the entries of one key's row are adjacent (d grows with pos_i), so a warp's loads
             # share sectors; gathered [queries, keys] they were a table row apart (3.5-8 % slower
             # attention on an H200, bench/results/h200-run6/tile_sweep_p2c.jsonl).
-            d_t = tl.minimum(tl.maximum(pos_i[None, :] - pos_j[:, None] + offset, 0), R - 1)
-            p2c_ptrs = P2C + table + tok_n[:, None] * RS + d_t
+            d_t = tl.minimum(tl.maximum(pos_i[None, :] - pos_j[:, None], 0), R - 1)
+            p2c_ptrs = p2c_row + (offs_n[:, None] * RS + d_t)
             p2c = tl.trans(tl.load(p2c_ptrs, mask=in_n[:, None] & in_m[None, :], other=0.0)).to(tl.float32)
 
             # Prompt isolation (`fast_attention.layout_allowed`): two prompt tokens (group >= 0) see each
@@ -203,16 +229,13 @@ if triton is not None:
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-
-            v_ptrs = V + h * stride_vh + tok_n[:, None] * stride_vt + offs_d[None, :] * stride_vd
-            v = tl.load(v_ptrs, mask=in_n[:, None] & in_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
             m_i = m_new
 
         # Rows with nothing allowed have acc == 0 and l_i == 0: they store exactly 0.
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         # OUT is [N, H, D] contiguous.
-        o_ptrs = OUT + (tok_m[:, None] * H + h) * HEAD_DIM + offs_d[None, :]
+        o_ptrs = OUT + (start * H + h) * HEAD_DIM + (offs_m[:, None] * (H * HEAD_DIM) + offs_d[None, :])
         tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=in_m[:, None] & in_d[None, :])
 
 
@@ -254,10 +277,6 @@ def pack_rows(lengths: Sequence[int], width: int, device: torch.device) -> Packi
     return Packing(buf[:total], Rows(starts_d, counts_d, width))
 
 
-def _config(device: torch.device, config: dict[str, int] | None) -> dict[str, int]:
-    return dict(config or KERNEL_CONFIGS.get(device.type, KERNEL_CONFIGS["cuda"]))
-
-
 def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
             position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
             starts: torch.Tensor, lengths: torch.Tensor, width: int, offset: int, scale: float,
@@ -294,14 +313,14 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor
 
 if triton is not None:
     # Inside a torch.compile-d encoder the launch is an opaque custom op (eager calls skip the op
-    # dispatcher's overhead and call _launch directly). The default tile configuration applies.
+    # dispatcher's overhead and call _launch directly). The policy's tile configuration applies.
     @torch.library.custom_op("rex_stream::disentangled_attention", mutates_args=())
     def _launch_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c2p: torch.Tensor, p2c: torch.Tensor,
                    position_ids: torch.Tensor, group: torch.Tensor, slot: torch.Tensor, valid: torch.Tensor,
                    starts: torch.Tensor, lengths: torch.Tensor, width: int, offset: int, scale: float, reach: int,
                    zero_rest: bool) -> torch.Tensor:
         return _launch(q, k, v, c2p, p2c, position_ids, group, slot, valid, starts, lengths, width, offset, scale,
-                       _config(q.device, None), reach, zero_rest)
+                       tile_config(q.device.type, width), reach, zero_rest)
 
     @_launch_op.register_fake
     def _(q: torch.Tensor, *args: Any) -> torch.Tensor:
@@ -339,7 +358,8 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_q: torch.T
     if torch.compiler.is_compiling():
         out = _launch_op(*tensors, int(rows.width), int(offset), float(scale), reach, zero_rest)
     else:
-        out = _launch(*tensors, rows.width, offset, scale, _config(q.device, config), reach, zero_rest)
+        config = dict(config) if config else tile_config(q.device.type, rows.width)
+        out = _launch(*tensors, rows.width, offset, scale, config, reach, zero_rest)
     return out.view(tokens, heads * dim)
 
 
@@ -371,7 +391,7 @@ def disentangled_attention(
     q, k, v: [B, H, L, D] (any strides); pos_q, pos_k: [H, R, D] reachable rows of the pre-scaled
     relative projections; position_ids, group, slot: [B, L] int64 (-1: none); valid: [B, L] bool;
     lengths: [B] int, at least last valid index + 1 per row (positions beyond come out 0);
-    ``offset = S - lo``. ``config`` overrides the tile configuration of ``KERNEL_CONFIGS``. ``reach``:
+    ``offset = S - lo``. ``config`` overrides the tile configuration of ``TILE_POLICY``. ``reach``:
     how many of the tables' rows are reachable (default: all). Tables whose row count is already a
     multiple of ``TABLE_ALIGN`` (the model's cached tables carry spare rows for this) are used
     without a padded copy.
