@@ -171,6 +171,8 @@ def fused_path(monkeypatch) -> list[int]:
     monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
     monkeypatch.setattr(triton_attention, "packed_attention", triton_attention.reference_packed_attention)
     monkeypatch.setattr(triton_norm, "add_layer_norm", add_layer_norm)
+    monkeypatch.setattr(triton_norm, "embed_layer_norm", triton_norm.reference_embed_layer_norm)
+    monkeypatch.setattr(triton_norm, "conv_mix", triton_norm.reference_conv_mix)
     monkeypatch.setattr(torch, "_addmm_activation", counted)
     return calls
 

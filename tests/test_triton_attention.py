@@ -104,6 +104,7 @@ def _kernel_checks() -> list[dict[str, Any]]:
             })
     out.extend(_packed_checks())
     out.extend(_norm_checks())
+    out.extend(_block_checks())
     out.extend(_rotary_checks())
     # The cases above ran the interpreted kernel for several L (1, 7, 37, 70); the interpreter never
     # compiles, so what can be checked here is that the decorator's list reached the kernel object.
@@ -160,6 +161,53 @@ def _norm_checks() -> list[dict[str, Any]]:
             "max_err": float((got - ref).abs().max()),
             # the reduced copy is the fp32 result rounded: at most one unit in the last place off
             "low_max_ulps": float(((got_low.float() - ref.to(low).float()).abs() / ref.to(low).float().abs().clamp_min(1e-3)).max()),
+        })
+    return out
+
+
+# (rows, padded length, width, conv output layout): ragged rows with a masked token inside one, a
+# masked column tail (width 100), and the conv output as the channels-first view the model hands over.
+BLOCK_CASES = [(3, 9, 64, "channels_first"), (2, 5, 100, "contiguous")]
+
+
+def _block_checks() -> list[dict[str, Any]]:
+    """The embedding and conv blocks around layer 0 (``embed_layer_norm``, ``conv_mix``) against their
+    eager references, at the packed tokens of ragged rows."""
+    from rex_stream.engine import triton_norm
+
+    out = []
+    for batch, length, width, layout in BLOCK_CASES:
+        gen = torch.Generator().manual_seed(batch * length * width)
+        embedding = torch.nn.Embedding(50, width)
+        norm = torch.nn.LayerNorm(width, eps=1e-7)
+        with torch.no_grad():
+            embedding.weight.normal_(generator=gen)
+            norm.weight.copy_(1 + 0.1 * torch.randn(width, generator=gen))
+            norm.bias.copy_(0.1 * torch.randn(width, generator=gen))
+        lengths = [length - n for n in range(batch)]
+        keep = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
+        keep[0, 2] = False  # a masked token inside a row: its outputs are 0
+        ids = torch.randint(0, 50, (batch, length), generator=gen)
+        index = triton_attention.pack_rows(lengths, length, torch.device("cpu")).index
+        with torch.no_grad():
+            got = triton_norm.embed_layer_norm(ids, keep, index, embedding, norm, torch.bfloat16)
+            ref = triton_norm.reference_embed_layer_norm(ids, keep, index, embedding, norm, torch.bfloat16)
+            conv = torch.randn(batch, width, length, generator=gen).bfloat16().transpose(1, 2)
+            if layout == "contiguous":
+                conv = conv.contiguous()
+            layer0 = torch.randn(index.numel(), width, generator=gen)
+            mixed = triton_norm.conv_mix(conv, layer0, index, keep, norm, torch.bfloat16)
+            mixed_ref = triton_norm.reference_conv_mix(conv, layer0, index, keep, norm, torch.bfloat16)
+        masked = int(index.tolist().index(2))  # packed position of row 0's masked token
+        out.append({
+            "case": f"blocks-{batch}x{length}x{width}-{layout}",
+            "embed_max_err": float((got[0] - ref[0]).abs().max()),
+            "embed_low_max_err": float((got[1].float() - ref[1].float()).abs().max()),
+            "padded_max_err": float((got[2].float() - ref[2].float()).abs().max()),
+            "padded_dtype": str(got[2].dtype), "padded_shape": list(got[2].shape),
+            "conv_max_err": float((mixed[0] - mixed_ref[0]).abs().max()),
+            "conv_low_max_err": float((mixed[1].float() - mixed_ref[1].float()).abs().max()),
+            "masked_zero": bool((got[0][masked] == 0).all() and (mixed[0][masked] == 0).all()),
         })
     return out
 
@@ -313,6 +361,19 @@ def test_fused_add_layer_norm_matches_torch(kernel_results, rows: int, width: in
     assert row["dtypes"] == ["torch.float32", f"torch.{dtype}"], row
     assert row["max_err"] <= 1e-5, row  # fp32 maths, only the reduction order differs (~5e-7 measured)
     assert row["low_max_ulps"] <= (2 ** -7 if dtype == "bfloat16" else 2 ** -10), row
+
+
+@pytest.mark.parametrize(("batch", "length", "width", "layout"), BLOCK_CASES, ids=lambda x: str(x))
+def test_fused_blocks_around_layer0_match_eager(kernel_results, batch: int, length: int, width: int,
+                                                 layout: str) -> None:
+    row = kernel_results[f"blocks-{batch}x{length}x{width}-{layout}"]
+    assert row["padded_dtype"] == "torch.bfloat16" and row["padded_shape"] == [batch, length, width], row
+    assert row["masked_zero"], row
+    # fp32 maths; the embedding differs only in reduction order, the conv block also by the GELU taken
+    # on the unrounded conv output (eagerly its 16-bit output is rounded before the add)
+    assert row["embed_max_err"] <= 1e-5 and row["padded_max_err"] <= 2 ** -6, row
+    assert row["embed_low_max_err"] <= 2 ** -6, row
+    assert row["conv_max_err"] <= 2e-2 and row["conv_low_max_err"] <= 4e-2, row
 
 
 def test_interpreted_kernel_does_not_specialise_on_shapes(kernel_results) -> None:

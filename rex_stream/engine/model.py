@@ -679,20 +679,24 @@ class RexModel(nn.Module):
                 attend = _sdpa_attend(rel_index, allowed, row_alive[:, None, :, None], self._scale)
 
         emb = self.plm.embeddings
-        x = emb["LayerNorm"](emb["word_embeddings"](input_ids)) * token_mask.unsqueeze(-1)
-        embedded = x
         index = packing.index if attention == "triton" else None
-        if index is not None:
-            x = x.flatten(0, 1).index_select(0, index)  # [T, hidden]: the rows' tokens, no padding
-        # The triton path in 16-bit also fuses each block's residual add, LayerNorm and cast (triton_norm).
+        # The triton path in 16-bit also fuses each block's residual add, LayerNorm and cast, and the
+        # blocks around layer 0 (triton_norm); x_low is x in that dtype, the next GEMM's input.
         low = _low_dtype(attention, tables[0][0].dtype)
+        if low is not None:
+            x, x_low, embedded = triton_norm.embed_layer_norm(input_ids, token_mask, index, emb["word_embeddings"],
+                                                              emb["LayerNorm"], low)
+        else:
+            x = triton_norm.reference_embed(input_ids, token_mask, emb["word_embeddings"], emb["LayerNorm"])
+            embedded, x_low = x, None
+            if index is not None:
+                x = x.flatten(0, 1).index_select(0, index)  # [T, hidden]: the rows' tokens, no padding
         gelu_epilogue = low is not None and "gelu" in self.fusions
-        x_low = None
         for i, layer in enumerate(self.plm.encoder.layer):
             pos_q, pos_k = tables[i]
             x, x_low = layer(x, pos_q[:, lo:lo + width], pos_k[:, lo:lo + width], attend, x_low, low, gelu_epilogue)
             if i == 0:
-                x, x_low = self._conv(embedded, x, col_alive, index), None
+                x, x_low = self._conv(embedded, x, col_alive, index, low)
         if index is not None:
             x = x.new_zeros(input_ids.numel(), x.shape[-1]).index_copy_(0, index, x).view(*input_ids.shape, -1)
         return x
@@ -755,14 +759,17 @@ class RexModel(nn.Module):
             return None
 
     def _conv(self, embedded: torch.Tensor, layer0: torch.Tensor, keep: torch.Tensor,
-              index: torch.Tensor | None = None) -> torch.Tensor:
-        """Mix the kernel-3 conv of the embeddings into layer 0's output (DeBERTa-v2 ConvLayer).
+              index: torch.Tensor | None = None, low: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Mix the kernel-3 conv of the embeddings into layer 0's output (DeBERTa-v2 ConvLayer); with
+        ``low`` (the fused 16-bit path, packed) also the result in that dtype, in one kernel.
 
         The conv runs on the padded [B, L] embeddings (a row's neighbours are its own); with
         ``index`` (layer 0 ran on packed tokens) its output is packed the same way."""
         conv = self.plm.encoder.conv
         out = conv["conv"](embedded.transpose(1, 2)).transpose(1, 2)
+        if low is not None and index is not None:
+            return triton_norm.conv_mix(out, layer0, index, keep.squeeze(-1), conv["LayerNorm"], low)
         out = F.gelu(out.masked_fill(~keep, 0))
         if index is not None:
             out, keep = out.flatten(0, 1).index_select(0, index), keep.flatten(0, 1).index_select(0, index)
-        return conv["LayerNorm"](layer0 + out) * keep
+        return conv["LayerNorm"](layer0 + out) * keep, None
