@@ -17,9 +17,8 @@ import sys
 
 import torch
 import triton.testing
-from torch.profiler import ProfilerActivity, profile
 
-from rex_stream.bench.worker_path import run_engine
+from rex_stream.bench.worker_path import engine_ab_pass
 from rex_stream.bench.workloads import load_workload
 from rex_stream.engine import triton_attention as current
 from rex_stream.engine.engine import Engine
@@ -71,17 +70,7 @@ def engine_ab(model: str, count: int) -> None:
             use(kernel)
             logits[kernel] = engine.runner.logits(batch)
             engine.infer(items[:1024])
-            rates = [round(run_engine(engine, items, len(items)), 1) for _ in range(2)]
-            profiled = min(4096, len(items))
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                engine.infer(items[:profiled])
-                torch.cuda.synchronize()
-            events = prof.key_averages()
-            kernel_ms = sum(e.self_device_time_total for e in events) / 1e3
-            attention_ms = sum(e.self_device_time_total for e in events if e.key == "_disentangled_fwd") / 1e3
-            print(json.dumps({"workload": workload, "kernel": kernel, "messages": len(items), "msgs_s": rates,
-                              "kernel_ms_per_1000_msgs": round(kernel_ms * 1000 / profiled, 2),
-                              "attention_ms_per_1000_msgs": round(attention_ms * 1000 / profiled, 2),
+            print(json.dumps({"workload": workload, "kernel": kernel, **engine_ab_pass(engine, items),
                               "max_abs_logit_diff": float((logits[kernel] - logits["previous"]).abs()[keep].max())}),
                   flush=True)
     use("current")

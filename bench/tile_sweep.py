@@ -24,9 +24,8 @@ from typing import Any
 
 import torch
 import triton.testing
-from torch.profiler import ProfilerActivity, profile
 
-from rex_stream.bench.worker_path import run_engine
+from rex_stream.bench.worker_path import engine_ab_pass
 from rex_stream.bench.workloads import load_workload
 from rex_stream.engine import triton_attention as current
 from rex_stream.engine.engine import Engine
@@ -177,17 +176,7 @@ def engine_ab(engine: Engine, previous: Any, previous_config: dict[str, int],
         for name in tuple(variants) * 2:
             current._launch, current.TILE_POLICY["cuda"] = variants[name]
             engine.infer(items[:1024])  # this variant's kernels compiled and warm
-            rates = [round(run_engine(engine, items, len(items)), 1) for _ in range(2)]
-            profiled = min(4096, len(items))
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                engine.infer(items[:profiled])
-                torch.cuda.synchronize()
-            events = prof.key_averages()
-            kernel_ms = sum(e.self_device_time_total for e in events) / 1e3
-            attention_ms = sum(e.self_device_time_total for e in events if e.key == "_disentangled_fwd") / 1e3
-            print(json.dumps({"workload": workload, "variant": name, "messages": len(items), "msgs_s": rates,
-                              "kernel_ms_per_1000_msgs": round(kernel_ms * 1000 / profiled, 2),
-                              "attention_ms_per_1000_msgs": round(attention_ms * 1000 / profiled, 2)}), flush=True)
+            print(json.dumps({"workload": workload, "variant": name, **engine_ab_pass(engine, items)}), flush=True)
     current._launch, current.TILE_POLICY["cuda"] = launch, policy
 
 

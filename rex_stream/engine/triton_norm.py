@@ -33,6 +33,15 @@ _ROWS = 4  # rows per program: 768-wide rows are short, a few per program keep t
 if triton is not None:
 
     @triton.jit
+    def _row_block(N, H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
+        """This program's ROWS rows of N, its BLOCK columns, and which of them are real."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        in_r = rows < N
+        cols = tl.arange(0, BLOCK)
+        in_h = cols < H
+        return rows, in_r, cols, in_h, in_r[:, None] & in_h[None, :]
+
+    @triton.jit
     def _normalise(x, inside, W, B, cols, in_h, eps, H: tl.constexpr):
         """LayerNorm of the [ROWS, BLOCK] fp32 rows ``x`` (columns beyond H masked), in fp32."""
         mean = tl.sum(x, 1) / H
@@ -45,10 +54,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["N"])
     def _add_layer_norm_fwd(Y, RES, W, B, OUT, LOW, N, eps, H: tl.constexpr, BLOCK: tl.constexpr,
                             ROWS: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        cols = tl.arange(0, BLOCK)
-        in_h = cols < H
-        inside = (rows < N)[:, None] & in_h[None, :]
+        rows, in_r, cols, in_h, inside = _row_block(N, H, BLOCK, ROWS)
         offs = rows.to(tl.int64)[:, None] * H + cols[None, :]
         x = tl.load(Y + offs, mask=inside, other=0.0).to(tl.float32) + tl.load(RES + offs, mask=inside, other=0.0)
         out = _normalise(x, inside, W, B, cols, in_h, eps, H)
@@ -59,11 +65,7 @@ if triton is not None:
     def _embed_fwd(IDS, KEEP, INDEX, EMB, W, B, OUT, LOW, PADDED, N, eps, H: tl.constexpr, BLOCK: tl.constexpr,
                    ROWS: tl.constexpr):
         # Packed token t is flat position INDEX[t] of the padded batch.
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        in_r = rows < N
-        cols = tl.arange(0, BLOCK)
-        in_h = cols < H
-        inside = in_r[:, None] & in_h[None, :]
+        rows, in_r, cols, in_h, inside = _row_block(N, H, BLOCK, ROWS)
         flat = tl.load(INDEX + rows, mask=in_r, other=0)
         token = tl.load(IDS + flat, mask=in_r, other=0)
         keep = (tl.load(KEEP + flat, mask=in_r, other=0) != 0).to(tl.float32)
@@ -78,11 +80,7 @@ if triton is not None:
     @triton.jit(do_not_specialize=["N", "L"])
     def _conv_mix_fwd(CONV, LAYER0, INDEX, KEEP, W, B, OUT, LOW, N, L, stride_cb, stride_cl, stride_ch, eps,
                       H: tl.constexpr, BLOCK: tl.constexpr, ROWS: tl.constexpr):
-        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-        in_r = rows < N
-        cols = tl.arange(0, BLOCK)
-        in_h = cols < H
-        inside = in_r[:, None] & in_h[None, :]
+        rows, in_r, cols, in_h, inside = _row_block(N, H, BLOCK, ROWS)
         flat = tl.load(INDEX + rows, mask=in_r, other=0)
         keep = tl.load(KEEP + flat, mask=in_r, other=0) != 0
         conv_ptrs = CONV + (flat // L)[:, None] * stride_cb + (flat % L)[:, None] * stride_cl + cols[None, :] * stride_ch
