@@ -35,7 +35,8 @@ KERNEL_CASES = [(length, dim, dtype) for length in (1, 7, 37, 70) for dim in (16
 KERNEL_CASES += [(37, 24, "float32"), (37, 16, "bfloat16"), (70, 32, "float16")]  # D=24: masked head dim
 # None: the CPU policy by width (both of its entries: lengths up to 24 and beyond); every CUDA entry
 # of the policy; and an odd shape.
-TILES: dict[str, dict[str, int] | None] = {"cpu": None, "odd": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}}
+TILES: dict[str, dict[str, int] | None] = {
+    "cpu": None, "odd": {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}}
 TILES.update({f"cuda{n}": config for n, (_, config) in enumerate(triton_attention.TILE_POLICY["cuda"])})
 
 

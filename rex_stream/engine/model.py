@@ -758,8 +758,8 @@ class RexModel(nn.Module):
             self._warn_once(f"{fusion} fusion disabled, running it unfused: {reason}")
             return None
 
-    def _conv(self, embedded: torch.Tensor, layer0: torch.Tensor, keep: torch.Tensor,
-              index: torch.Tensor | None = None, low: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _conv(self, embedded: torch.Tensor, layer0: torch.Tensor, keep: torch.Tensor, index: torch.Tensor | None = None,
+              low: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Mix the kernel-3 conv of the embeddings into layer 0's output (DeBERTa-v2 ConvLayer); with
         ``low`` (the fused 16-bit path, packed) also the result in that dtype, in one kernel.
 
