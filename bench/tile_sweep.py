@@ -7,13 +7,13 @@
 2. Times the kernel alone on each recorded batch (``triton.testing.do_bench``, position tables
    precomputed): PREVIOUS.py's ``_launch`` (an earlier ``triton_attention.py``, token-axis kernel,
    2cbb96c or later) at a few tile configurations, and the current kernel at every candidate. One
-   JSON line per batch and variant (ms, max |difference| from the previous kernel at its own
-   configuration).
+   JSON line per batch and variant (ms, max |difference| from the previous kernel at the
+   configuration its own policy gives that batch).
    Then the registers, spills and shared memory of each compiled binary.
 3. Derives, for each kernel, a width-bounded policy (per width bucket, the configuration with the
    least summed time over that bucket's batches) and prints both; the current kernel's is the
    ``TILE_POLICY["cuda"]`` to commit.
-4. Engine A/B, same process, alternating: the previous kernel at its own configuration, and each
+4. Engine A/B, same process, alternating: the previous kernel with its own policy, and each
    kernel with its derived policy; per workload (ner N messages, default 20,000; re N / 2; mix
    N / 30) messages/s of two passes and the kernel time of a profiled pass per 1,000 messages.
 """
@@ -46,14 +46,18 @@ def config_of(bm: int, bn: int, warps: int, stages: int) -> dict[str, int]:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages}
 
 
-def load_previous(path: str) -> tuple[Any, dict[str, int]]:
+Policy = tuple[tuple[int, dict[str, int]], ...]
+
+
+def load_previous(path: str) -> tuple[Any, Policy]:
+    """PREVIOUS.py's ``_launch`` and its CUDA tile policy (one entry for a file from before the policy)."""
     spec = importlib.util.spec_from_file_location("previous_attention", path)
     module = importlib.util.module_from_spec(spec)
     sys.modules["previous_attention"] = module
     spec.loader.exec_module(module)
-    if hasattr(module, "tile_config"):
-        return module._launch, module.tile_config("cuda", 64)
-    return module._launch, dict(module.KERNEL_CONFIGS["cuda"])
+    if hasattr(module, "TILE_POLICY"):
+        return module._launch, tuple(module.TILE_POLICY["cuda"])
+    return module._launch, ((BUCKETS[-1], dict(module.KERNEL_CONFIGS["cuda"])),)
 
 
 def record(engine: Engine, workload: str) -> list[dict[str, Any]]:
@@ -80,7 +84,7 @@ def record(engine: Engine, workload: str) -> list[dict[str, Any]]:
     return seen
 
 
-def sweep(batches: list[dict[str, Any]], previous: Any, previous_config: dict[str, int]) -> list[dict[str, Any]]:
+def sweep(batches: list[dict[str, Any]], previous: Any, previous_policy: Policy) -> list[dict[str, Any]]:
     rows_out = []
     for n, b in enumerate(batches):
         q, k, v = b["q"], b["k"], b["v"]
@@ -94,7 +98,8 @@ def sweep(batches: list[dict[str, Any]], previous: Any, previous_config: dict[st
             return fn(q, k, v, c2p, p2c, *b["attrs"], rows.starts, rows.lengths, rows.width, b["offset"],
                       b["scale"], config, reach, False)
 
-        ref = launch(previous, previous_config).float()
+        own = next(config for bound, config in previous_policy if rows.width <= bound)
+        ref = launch(previous, own).float()
         variants = [("previous", config_of(*c)) for c in PREVIOUS_CANDIDATES]
         variants += [("current", config_of(*c)) for c in CANDIDATES]
         for kernel, config in variants:
@@ -163,10 +168,10 @@ def derive(rows: list[dict[str, Any]], kernel: str = "current") -> list[tuple[in
     return merged
 
 
-def engine_ab(engine: Engine, previous: Any, previous_config: dict[str, int],
+def engine_ab(engine: Engine, previous: Any, previous_policy: Policy,
               derived: dict[str, list[tuple[int, dict[str, int]]]], count: int) -> None:
     variants = {
-        "previous": (previous, ((1 << 30, previous_config),)),
+        "previous": (previous, previous_policy),
         "previous-derived": (previous, tuple(derived["previous"])),
         "current-derived": (current._launch, tuple(derived["current"])),
     }
@@ -181,13 +186,13 @@ def engine_ab(engine: Engine, previous: Any, previous_config: dict[str, int],
 
 
 if __name__ == "__main__":
-    previous_launch, previous_cfg = load_previous(sys.argv[1])
+    previous_launch, previous_tiles = load_previous(sys.argv[1])
     eng = Engine(sys.argv[2], device="cuda", dtype="bf16", batch_tokens=131072, attention="triton")
     eng.infer(load_workload("ner", None, 1024))  # warm-up
     recorded = [b for workload in CHUNKS for b in record(eng, workload)]
-    swept = sweep(recorded, previous_launch, previous_cfg)
+    swept = sweep(recorded, previous_launch, previous_tiles)
     kernel_stats("previous", sys.modules["previous_attention"]._disentangled_fwd)
     kernel_stats("current", current._disentangled_fwd)
     policies = {kernel: derive(swept, kernel) for kernel in ("previous", "current")}
     print(json.dumps({"derived_policy": policies}), flush=True)
-    engine_ab(eng, previous_launch, previous_cfg, policies, int(sys.argv[3]) if len(sys.argv) > 3 else 20_000)
+    engine_ab(eng, previous_launch, previous_tiles, policies, int(sys.argv[3]) if len(sys.argv) > 3 else 20_000)

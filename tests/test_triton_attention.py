@@ -57,7 +57,7 @@ def _case_inputs(length: int, dim: int, dtype: torch.dtype, device: str = "cpu")
     valid[2, 1:] = False  # a single real token
     group[2, 1:] = slot[2, 1:] = -1  # padding as the runner writes it; row 1 keeps garbage
     # Row 0 as the model lays it out: prompt tokens first, then text only (group and slot -1), so
-    # tiles without prompt tokens on one axis take the kernel's short mask.
+    # some tiles hold no prompt token on one axis.
     group[0, length // 3:] = slot[0, length // 3:] = -1
     lengths = valid.sum(-1).to(torch.int32)
     if device != "cpu":
@@ -141,6 +141,15 @@ def _packed_checks() -> list[dict[str, Any]]:
 NORM_CASES = [(1, 64, "bfloat16"), (7, 768, "bfloat16"), (13, 100, "float16")]  # 100: a masked row tail
 
 
+def _random_norm(width: int, gen: torch.Generator) -> torch.nn.LayerNorm:
+    """A LayerNorm with weights near 1 and biases near 0, drawn from ``gen``."""
+    norm = torch.nn.LayerNorm(width, eps=1e-7)
+    with torch.no_grad():
+        norm.weight.copy_(1 + 0.1 * torch.randn(width, generator=gen))
+        norm.bias.copy_(0.1 * torch.randn(width, generator=gen))
+    return norm
+
+
 def _norm_checks() -> list[dict[str, Any]]:
     """The fused residual-add + LayerNorm kernel against torch's LayerNorm of the fp32 sum."""
     from rex_stream.engine import triton_norm
@@ -148,10 +157,7 @@ def _norm_checks() -> list[dict[str, Any]]:
     out = []
     for rows, width, dtype_name in NORM_CASES:
         gen = torch.Generator().manual_seed(rows * width)
-        norm = torch.nn.LayerNorm(width, eps=1e-7)
-        with torch.no_grad():
-            norm.weight.copy_(1 + 0.1 * torch.randn(width, generator=gen))
-            norm.bias.copy_(0.1 * torch.randn(width, generator=gen))
+        norm = _random_norm(width, gen)
         low = getattr(torch, dtype_name)
         y, residual = torch.randn(2, rows, width, generator=gen).to(low), torch.randn(2, rows, width, generator=gen)
         with torch.no_grad():
@@ -180,11 +186,9 @@ def _block_checks() -> list[dict[str, Any]]:
     for batch, length, width, layout in BLOCK_CASES:
         gen = torch.Generator().manual_seed(batch * length * width)
         embedding = torch.nn.Embedding(50, width)
-        norm = torch.nn.LayerNorm(width, eps=1e-7)
         with torch.no_grad():
             embedding.weight.normal_(generator=gen)
-            norm.weight.copy_(1 + 0.1 * torch.randn(width, generator=gen))
-            norm.bias.copy_(0.1 * torch.randn(width, generator=gen))
+        norm = _random_norm(width, gen)
         lengths = [length - n for n in range(batch)]
         keep = torch.arange(length)[None, :] < torch.tensor(lengths)[:, None]
         keep[0, 2] = False  # a masked token inside a row: its outputs are 0
