@@ -17,9 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from rex_stream.engine import model as model_module
-from rex_stream.engine import triton_attention, triton_norm
+from rex_stream.engine import triton_attention, triton_ffn, triton_norm
 from rex_stream.engine.fast_attention import synthetic_batch
-from rex_stream.engine.model import DEFAULT_FUSIONS, RexModel, _linear_gelu
+from rex_stream.engine.model import DEFAULT_FUSIONS, RexModel
+
+LINEAR_GELU = triton_ffn.linear_gelu
 
 
 @pytest.fixture
@@ -143,37 +145,25 @@ def test_set_fusions_and_engine_keyword(model, tiny_model: Path) -> None:
 # ------------------------------------------------------------------ GELU epilogue
 
 
-def test_linear_gelu_is_gelu_of_linear() -> None:
-    gen = torch.Generator().manual_seed(4)
-    linear = torch.nn.Linear(64, 96)  # fp32 weights, cast like autocast casts them
-    x = torch.randn(2, 5, 64, generator=gen).bfloat16()
-    with torch.no_grad():
-        got = _linear_gelu(x, linear)
-        exact = F.gelu(F.linear(x.float(), linear.weight, linear.bias))
-    assert got.shape == (2, 5, 96) and got.dtype == torch.bfloat16
-    assert _relative(got, exact) <= 1e-2  # bf16 GEMM output; CPU applies the erf GELU, CUDA tanh (~5e-4)
-
-
 @pytest.fixture
 def fused_path(monkeypatch) -> list[int]:
-    """The triton path on CPU with its kernels replaced by their eager equivalents; counts GELU epilogues."""
+    """The triton path on CPU with its kernels replaced by their eager equivalents; counts fused GELU GEMMs."""
     def add_layer_norm(y: torch.Tensor, residual: torch.Tensor, norm: Any, low: torch.dtype) -> Any:
         out = norm(y + residual)
         return out, out.to(low)
 
     calls = []
-    addmm_activation = torch._addmm_activation
 
-    def counted(*args: Any, **kwargs: Any) -> torch.Tensor:
-        calls.append(kwargs.get("use_gelu"))
-        return addmm_activation(*args, **kwargs)
+    def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        calls.append(True)
+        return F.gelu(F.linear(x, weight.to(x.dtype), bias.to(x.dtype)))
 
     monkeypatch.setattr(triton_attention, "triton_unavailable_reason", lambda device: None)
     monkeypatch.setattr(triton_attention, "packed_attention", triton_attention.reference_packed_attention)
     monkeypatch.setattr(triton_norm, "add_layer_norm", add_layer_norm)
     monkeypatch.setattr(triton_norm, "embed_layer_norm", triton_norm.reference_embed_layer_norm)
     monkeypatch.setattr(triton_norm, "conv_mix", triton_norm.reference_conv_mix)
-    monkeypatch.setattr(torch, "_addmm_activation", counted)
+    monkeypatch.setattr(triton_ffn, "linear_gelu", linear_gelu)
     return calls
 
 
@@ -194,3 +184,21 @@ def test_gelu_epilogue_on_fused_path_only(model, batch, fused_path) -> None:
     keep = batch["valid"].unsqueeze(-1)
     assert _relative(on * keep, off * keep) <= 2e-2  # bf16 (CPU: the same erf GELU, so ~0)
     assert _relative(on * keep, sdpa * keep) <= model_module.SELF_CHECK_TOL[torch.bfloat16]
+
+
+def test_gelu_gemm_unavailable_runs_unfused(model, batch, fused_path, monkeypatch) -> None:
+    """Without the TMA GEMM (CPU, no interpreter; or a GPU before compute capability 9) the fused path
+    switches the gelu fusion off once, says why, and runs the eager GEMM and GELU."""
+    monkeypatch.setattr(triton_ffn, "linear_gelu", LINEAR_GELU)  # the real one again, not fused_path's
+    monkeypatch.setattr(triton_ffn, "_INTERPRET", False)
+    triton_ffn._unavailable_reason.cache_clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.set_attention("triton") == "triton"
+        model.set_fusions(())
+        off = _hidden(model, batch)
+        model.set_fusions({"gelu"})
+        on = _hidden(model, batch)
+    triton_ffn._unavailable_reason.cache_clear()
+    status = model.fast_path_status()
+    assert status["fusions"] == [] and "needs a CUDA device" in status["fusion_errors"]["gelu"], status
+    assert torch.equal(on, off) and fused_path == []

@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rex_stream.engine import fast_attention, triton_attention, triton_norm, triton_rotary
+from rex_stream.engine import fast_attention, triton_attention, triton_ffn, triton_norm, triton_rotary
 
 if TYPE_CHECKING:
     from rex_stream.engine.weights import ModelConfig
@@ -75,19 +75,6 @@ class FastPathMismatch(RuntimeError):
 def _low_dtype(attention: str, compute_dtype: torch.dtype) -> torch.dtype | None:
     """The 16-bit dtype of the fused fast path (triton attention in bf16/fp16), else None."""
     return compute_dtype if attention == "triton" and compute_dtype in _LOW_DTYPES else None
-
-
-def _linear_gelu(x: torch.Tensor, linear: nn.Linear) -> torch.Tensor:
-    """``gelu(linear(x))`` as one GEMM with a bias + GELU epilogue (cuBLASLt on CUDA).
-
-    Saves the separate bandwidth-bound GELU kernel (~200 µs per layer for a 65k-token batch of the
-    base model on an H200). On CUDA the epilogue is the tanh approximation of GELU: max |erf - tanh|
-    = 4.7e-4 (at x = 2.7, where the bf16 rounding of the output is up to 7.8e-3), well inside the
-    fast path's bf16 error; on CPU torch applies the exact (erf) GELU after the GEMM.
-    """
-    out = torch._addmm_activation(linear.bias.to(x.dtype), x.reshape(-1, x.shape[-1]),
-                                  linear.weight.to(x.dtype).t(), use_gelu=True)
-    return out.view(*x.shape[:-1], -1)
 
 
 def _bf16x3(x: torch.Tensor) -> torch.Tensor:
@@ -182,14 +169,15 @@ class _Layer(nn.Module):
         attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
         x_low: torch.Tensor | None = None,
         low: torch.dtype | None = None,
-        gelu_epilogue: bool = False,
+        intermediate: Callable[[torch.Tensor, nn.Linear], torch.Tensor | None] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The layer's output and, with ``low`` (fused norms), its copy in that dtype.
 
         ``x`` is [B, L, hidden], or [T, hidden] packed tokens on the triton path.
         ``attend(q, k, v, pos_q, pos_k)`` returns the [B, L, H*D] ([T, H*D]) context, dead rows already zero;
         ``x_low``, if given, is ``x`` already in the matmul dtype (saves autocast's cast);
-        ``gelu_epilogue`` computes the intermediate with ``_linear_gelu``.
+        ``intermediate(x, dense)``, if given, computes ``gelu(dense(x))`` in one kernel (None: it failed,
+        run it unfused).
         """
         inp = x if x_low is None else x_low
         if self.qkv is not None:
@@ -204,7 +192,9 @@ class _Layer(nn.Module):
         ctx = attend(q, k, v, pos_q, pos_k)
         attn, attn_low = self.attention["output"](ctx, x, low)
         inter_in, dense = attn if attn_low is None else attn_low, self.intermediate["dense"]
-        inter = _linear_gelu(inter_in, dense) if gelu_epilogue else F.gelu(dense(inter_in))
+        inter = None if intermediate is None else intermediate(inter_in, dense)
+        if inter is None:
+            inter = F.gelu(dense(inter_in))
         return self.output(inter, attn, low)
 
 
@@ -691,10 +681,11 @@ class RexModel(nn.Module):
             embedded, x_low = x, None
             if index is not None:
                 x = x.flatten(0, 1).index_select(0, index)  # [T, hidden]: the rows' tokens, no padding
-        gelu_epilogue = low is not None and "gelu" in self.fusions
+        gelu = low is not None and "gelu" in self.fusions - self._fusion_errors.keys()
+        intermediate = self._intermediate if gelu else None
         for i, layer in enumerate(self.plm.encoder.layer):
             pos_q, pos_k = tables[i]
-            x, x_low = layer(x, pos_q[:, lo:lo + width], pos_k[:, lo:lo + width], attend, x_low, low, gelu_epilogue)
+            x, x_low = layer(x, pos_q[:, lo:lo + width], pos_k[:, lo:lo + width], attend, x_low, low, intermediate)
             if i == 0:
                 x, x_low = self._conv(embedded, x, col_alive, index, low)
         if index is not None:
@@ -745,6 +736,10 @@ class RexModel(nn.Module):
         else:
             y = torch.mm(a.float(), self._head_split.float().t())
         return y.view(*h.shape[:-1], -1)
+
+    def _intermediate(self, x: torch.Tensor, dense: nn.Linear) -> torch.Tensor | None:
+        """The "gelu" fusion: ``gelu(dense(x))`` as one TMA GEMM with an exact GELU epilogue (``triton_ffn``)."""
+        return self._guarded("gelu", lambda: triton_ffn.linear_gelu(x, dense.weight, dense.bias))
 
     def _guarded(self, fusion: str, run: Callable[[], _T]) -> _T | None:
         """``run()``; None if it raised, which also switches ``fusion`` off (one warning; OOM propagates)."""
