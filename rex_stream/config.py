@@ -89,9 +89,9 @@ class ModelSettings(BaseModel):
                             "self-checked vs sdpa")
     compile: bool = Field(False, description="torch.compile the encoder (self-checked, falls back to eager)")
     fusions: list[Literal["gelu", "head", "rotary"]] = Field(
-        default_factory=lambda: ["head", "rotary"],
-        description="fused fast path (triton, bf16/fp16) only: split-bf16 span head, Triton rotary, and the "
-                    "opt-in tanh-GELU GEMM epilogue")
+        default_factory=lambda: ["gelu", "head", "rotary"],
+        description="fused fast path (triton, bf16/fp16) only: intermediate dense + exact GELU as one TMA GEMM "
+                    "(compute capability 9+), split-bf16 span head, Triton rotary")
     default_schema: dict[str, Any] | None = Field(None, description="used for plain-text messages")
     device_socket: str | None = Field(
         None, description="Unix socket of the device process that runs the model (`rex-stream run --device-server` "

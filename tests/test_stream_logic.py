@@ -130,7 +130,7 @@ def test_config_layers_and_secret_redaction(tmp_path, monkeypatch):
     assert "s3cret-file" not in str(redacted(s)) and "s3cret-file" not in repr(s)
     with pytest.raises(ValueError):
         Settings.model_validate({"bogus": 1})
-    assert s.model.fusions == ["head", "rotary"]
+    assert s.model.fusions == ["gelu", "head", "rotary"]
     monkeypatch.setenv("REX_MODEL__FUSIONS", '["gelu", "head"]')
     assert load_settings(cfg, {}).model.fusions == ["gelu", "head"]
     with pytest.raises(ValueError):

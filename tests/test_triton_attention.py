@@ -108,6 +108,7 @@ def _kernel_checks() -> list[dict[str, Any]]:
     out.extend(_block_checks())
     out.extend(_rotary_checks())
     out.extend(_ffn_checks())
+    out.extend(_split_checks())
     # The cases above ran the interpreted kernel for several L (1, 7, 37, 70); the interpreter never
     # compiles, so what can be checked here is that the decorator's list reached the kernel object.
     names = _unspecialised(triton_attention._disentangled_fwd)
@@ -272,6 +273,29 @@ def _ffn_checks() -> list[dict[str, Any]]:
     return out
 
 
+SPLIT_CASES = [((3, 5, 48), "hi,hi,lo"), ((7, 300), "hi,lo,hi")]  # 2,100 elements: a ragged last program
+
+
+def _split_checks() -> list[dict[str, Any]]:
+    """The split-bf16 operand kernel (``triton_split``) against its defining properties and the eager split."""
+    from rex_stream.engine import triton_split
+
+    out = []
+    for shape, order in SPLIT_CASES:
+        x = 3 * torch.randn(*shape, generator=torch.Generator().manual_seed(len(shape)))
+        got = triton_split.split_bf16x3(x, order)
+        ref = triton_split.reference_split_bf16x3(x, order)
+        hi, lo = got[..., 0, :].float(), got[..., 2 if order == "hi,hi,lo" else 1, :].float()
+        repeated = got[..., 1 if order == "hi,hi,lo" else 2, :]
+        out.append({"case": f"split-{'x'.join(map(str, shape))}-{order}", "shape": list(got.shape),
+                    "dtype": str(got.dtype), "blocks_repeat": bool(torch.equal(repeated, got[..., 0, :])),
+                    "sum_rel_err": float(((hi + lo - x).abs() / x.abs()).max()),
+                    # the interpreter's conversion truncates where the GPU's (and torch's) rounds to nearest
+                    "hi_vs_eager_ulps": float(((hi - ref[..., 0, :].float()).abs()
+                                               / 2 ** (torch.floor(torch.log2(x.abs())) - 7)).max())})
+    return out
+
+
 def _model_checks(tiny: Path) -> dict[str, Any]:
     from rex_stream.engine.fast_attention import layout_allowed
     from rex_stream.engine.model import FUSIONS
@@ -410,6 +434,15 @@ def test_ffn_gemm_gelu_matches_fp32(kernel_results, tokens: int, k: int, n: int,
     row = kernel_results[f"ffn-{tokens}x{k}x{n}-{split}"]
     assert row["shape"] == [tokens, n] and row["dtype"] == "torch.bfloat16", row
     assert row["excess"] <= 1e-5, row  # one rounding of the fp32 result: within one bf16 unit
+
+
+@pytest.mark.parametrize(("shape", "order"), SPLIT_CASES, ids=lambda x: str(x))
+def test_split_kernel_matches_the_split(kernel_results, shape: tuple[int, ...], order: str) -> None:
+    row = kernel_results[f"split-{'x'.join(map(str, shape))}-{order}"]
+    assert row["shape"] == [*shape[:-1], 3, shape[-1]] and row["dtype"] == "torch.bfloat16", row
+    assert row["blocks_repeat"], row  # hi written twice, at the places `order` names
+    assert row["sum_rel_err"] <= 2 ** -15, row  # hi + lo is x to ~2^-17 (2^-15 with truncation)
+    assert row["hi_vs_eager_ulps"] <= 1.0, row  # hi is x in bf16: within one unit of torch's rounding
 
 
 def test_interpreted_kernel_does_not_specialise_on_shapes(kernel_results) -> None:

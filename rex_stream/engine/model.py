@@ -20,9 +20,10 @@ is self-checked against the SDPA path on its first batch per (device type, dtype
 it, with one logged warning, on any error or mismatch; ``fast_path_status()`` reports what ran.
 
 On the fused fast path (triton attention, bf16/fp16 compute) three more fusions apply, each
-switchable (``set_fusions``; default "head" and "rotary"): "gelu" (intermediate dense + GELU as one GEMM with a
-tanh-GELU epilogue), "head" (ffnq/ffnk as one split-bf16 GEMM with fp32 accumulation: ~2^-16
-relative error per product instead of fp32's 2^-24) and "rotary" (one Triton kernel, ``triton_rotary``).
+switchable (``set_fusions``; all on by default): "gelu" (intermediate dense + exact GELU as one TMA GEMM
+on compute capability 9+, ``triton_ffn``), "head" (ffnq/ffnk as one split-bf16 GEMM and q.k^T as
+another, fp32 accumulation: ~2^-16 relative error per product instead of fp32's 2^-24, operands split
+by ``triton_split``) and "rotary" (one Triton kernel, ``triton_rotary``).
 Elsewhere the span head runs in fp32 (fp64 for an fp64 model); the rotary angles always run in fp32.
 """
 
@@ -37,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from rex_stream.engine import fast_attention, triton_attention, triton_ffn, triton_norm, triton_rotary
+from rex_stream.engine import fast_attention, triton_attention, triton_ffn, triton_norm, triton_rotary, triton_split
 
 if TYPE_CHECKING:
     from rex_stream.engine.weights import ModelConfig
@@ -53,12 +54,12 @@ ATTENTION_MODES = ("sdpa", "flex", "triton")
 FUSED_MODES = ("flex", "triton")  # the optional attention paths, self-checked against "sdpa"
 _LOW_DTYPES = (torch.bfloat16, torch.float16)
 FUSIONS = ("gelu", "head", "rotary")  # what the fused fast path may fuse (RexModel.set_fusions)
-# On by default: both change logits by < 1e-3 against their unfused forms. "gelu" is opt-in: its tanh
-# GELU moved the tiny golden model's max logit error against fp32 to 1.41, above plain bf16's 1.39
-# (H200, 2026-11-29, bench/results/h200-run8), for ~5 % of the kernel time on ner. An exact-erf epilogue
-# in a Triton GEMM (commit 0b7865a) was precise enough (1.24) but its GEMM ran at ~350 TFLOP/s against
-# cuBLAS's > 518, slower than no fusion at all (bench/results/h200-run11-gelu), so it was not kept.
-DEFAULT_FUSIONS = ("head", "rotary")
+# All on by default. "head" and "rotary" change logits by < 1e-3 against their unfused forms; "gelu" (the
+# TMA GEMM with the exact GELU on its fp32 accumulator, `triton_ffn`) rounds the intermediate once instead
+# of twice: the max logit error against fp32 was 1.222 on the tiny golden model and 0.535 on the base
+# model (plain bf16: 1.392 and 0.587; H200, bench/results/h200-run17-ffn). cuBLASLt's tanh-GELU
+# epilogue, which it replaces, moved the tiny model's error to 1.41 (run 8).
+DEFAULT_FUSIONS = ("gelu", "head", "rotary")
 _T = TypeVar("_T")
 
 # Self-check: max |fast - sdpa| over valid tokens' hidden states, relative to max |sdpa|. Measured on
@@ -77,18 +78,15 @@ def _low_dtype(attention: str, compute_dtype: torch.dtype) -> torch.dtype | None
     return compute_dtype if attention == "triton" and compute_dtype in _LOW_DTYPES else None
 
 
-def _bf16x3(x: torch.Tensor) -> torch.Tensor:
-    """[..., 3, D] bf16 (hi, hi, lo) of fp32 ``x`` [..., D]: hi = bf16(x), lo = bf16(x - hi).
+def _matmul_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of bf16 operands (2-D or batched 3-D) with fp32 accumulation and output.
 
-    hi + lo is x to ~2^-17 relative, so the three K-blocks of [x_hi | x_hi | x_lo] against a weight's
-    [w_hi | w_lo | w_hi] sum to x.w up to the dropped x_lo.w_lo term ("bf16x3").
+    On CUDA one tensor-core GEMM (``out_dtype=``; a torch without it raises, see ``_guarded``); elsewhere
+    (tests) the same product of the same bf16 values in fp32.
     """
-    out = torch.empty(*x.shape[:-1], 3, x.shape[-1], dtype=torch.bfloat16, device=x.device)
-    hi, hi_again, lo = out.unbind(-2)
-    hi.copy_(x)
-    hi_again.copy_(hi)
-    torch.sub(x, hi, out=lo)  # exact in fp32, rounded once to bf16
-    return out
+    if a.device.type != "cuda":
+        return a.float() @ b.float()
+    return (torch.mm if a.dim() == 2 else torch.bmm)(a, b, out_dtype=torch.float32)
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor, token_mask: torch.Tensor) -> float:
@@ -455,12 +453,12 @@ class RexModel(nn.Module):
         return self.attention
 
     def set_fusions(self, names: Iterable[str] = DEFAULT_FUSIONS) -> frozenset[str]:
-        """Choose the fusions of the fused fast path (triton attention, bf16/fp16); default head and rotary.
+        """Choose the fusions of the fused fast path (triton attention, bf16/fp16); default all three.
 
-        "gelu": intermediate dense + GELU in one GEMM (``_linear_gelu``); "head": ffnq/ffnk as one
+        "gelu": intermediate dense + GELU in one GEMM (``triton_ffn``); "head": ffnq/ffnk as one
         split-bf16 GEMM (``_split_bf16_head``); "rotary": the Triton rotary kernel (``triton_rotary``).
         They never apply to other paths, so the exact default path is the same whatever is chosen.
-        A head or rotary fusion that fails is switched off with one warning; this call clears that.
+        A fusion that fails (or cannot run here) is switched off with one warning; this call clears that.
         """
         chosen = frozenset(names)
         if unknown := chosen - set(FUSIONS):
@@ -696,7 +694,8 @@ class RexModel(nn.Module):
         """Span head in at least fp32 whatever the autocast state: links are signs of large dot products.
 
         ``fused`` (the encoder ran the fused fast path) lets the "head" and "rotary" fusions apply to an
-        fp32 head; the product q.k^T and the rotary angles stay fp32 either way.
+        fp32 head: "head" runs the projections and the product q.k^T as split-bf16 GEMMs (each product
+        ~2^-16 relative off fp32's); the rotary angles stay fp32 either way.
         """
         dtype = torch.promote_types(self.ffnq.weight.dtype, torch.float32)
         fusions = self.fusions - self._fusion_errors.keys() if fused and dtype == torch.float32 else frozenset()
@@ -707,7 +706,12 @@ class RexModel(nn.Module):
                 rotated = self._guarded("rotary", lambda: [
                     triton_rotary.rotate_pairs(x, position_ids, self.rotary_emb.freqs, bias) for x, bias in parts])
             q, k = rotated or [self.rotary_emb(x if bias is None else x + bias, position_ids) for x, bias in parts]
-            return q @ k.transpose(-1, -2)
+            product = None
+            if "head" in fusions and "head" not in self._fusion_errors:  # the projection may have just failed
+                product = self._guarded("head", lambda: _matmul_fp32(
+                    triton_split.split_bf16x3(q, "hi,hi,lo").flatten(-2),
+                    triton_split.split_bf16x3(k, "hi,lo,hi").flatten(-2).transpose(-1, -2)))
+            return q @ k.transpose(-1, -2) if product is None else product
 
     def _project(self, h: torch.Tensor, split: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """q and k before the rotary, each with its bias still to add (None: already added)."""
@@ -720,22 +724,17 @@ class RexModel(nn.Module):
         """``h @ [ffnq; ffnk].weight^T`` (no bias) for fp32 ``h``, as one bf16 GEMM: [..., 2 * hidden] fp32.
 
         The fp32 GEMMs ran on the SIMT fp32 kernel (3.2 ms per 65k-token batch of the base model on an
-        H200); [h_hi | h_hi | h_lo] @ [W_hi | W_lo | W_hi]^T (``_bf16x3``, K = 3 * hidden) runs on tensor
-        cores with fp32 accumulation and output. It drops only h_lo.W_lo, so each product is off by
-        ~2^-16 relative instead of fp32's 2^-24, far below the bf16/fp16 encoder's own error. Needs
-        ``torch.mm(..., out_dtype=)`` on CUDA (a torch without it raises: the fp32 head then runs, see
-        ``_guarded``); on CPU (tests) the same product of the same bf16 values runs in fp32.
+        H200); [h_hi | h_hi | h_lo] @ [W_hi | W_lo | W_hi]^T (``triton_split``, K = 3 * hidden) runs on
+        tensor cores with fp32 accumulation and output (``_matmul_fp32``). It drops only h_lo.W_lo, so
+        each product is off by ~2^-16 relative instead of fp32's 2^-24, far below the bf16/fp16 encoder's
+        own error.
         """
         if self._head_split is None:
             with torch.no_grad():
                 weight = torch.cat([self.ffnq.weight, self.ffnk.weight]).float()
-                self._head_split = _bf16x3(weight)[:, (0, 2, 1)].flatten(1)  # (hi, lo, hi)
-        a = _bf16x3(h).view(-1, 3 * h.shape[-1])
-        if a.device.type == "cuda":
-            y = torch.mm(a, self._head_split.t(), out_dtype=torch.float32)
-        else:
-            y = torch.mm(a.float(), self._head_split.float().t())
-        return y.view(*h.shape[:-1], -1)
+                self._head_split = triton_split.split_bf16x3(weight, "hi,lo,hi").flatten(1)
+        a = triton_split.split_bf16x3(h, "hi,hi,lo").view(-1, 3 * h.shape[-1])
+        return _matmul_fp32(a, self._head_split.t()).view(*h.shape[:-1], -1)
 
     def _intermediate(self, x: torch.Tensor, dense: nn.Linear) -> torch.Tensor | None:
         """The "gelu" fusion: ``gelu(dense(x))`` as one TMA GEMM with an exact GELU epilogue (``triton_ffn``)."""
