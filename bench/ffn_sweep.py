@@ -27,19 +27,19 @@ from rex_stream.engine.engine import Engine
 from rex_stream.engine.model import DEFAULT_FUSIONS
 
 TOKENS = [4096, 24576, 45056, 65536, 131072]
-# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split store, warp-specialised, GROUP_M). Run 17 call 1
-# also had 4-warp and 64-row tiles (290-300 TFLOP/s) and an unsplit store (~400): all slower.
-CANDIDATES = [(128, 256, 64, 8, 4, True, False, 8), (128, 256, 64, 8, 3, True, False, 8),
-              (256, 128, 64, 8, 3, True, False, 8), (128, 256, 32, 8, 6, True, False, 8),
-              (128, 256, 64, 8, 4, True, False, 16), (128, 256, 64, 8, 4, True, False, 4),
-              (128, 256, 64, 8, 4, True, True, 8), (128, 256, 64, 8, 3, True, True, 8),
-              (128, 128, 64, 8, 4, True, True, 8), (128, 256, 64, 4, 3, True, True, 8),
-              (256, 128, 64, 8, 3, True, True, 8)]
+# (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages, split store, warp-specialised, GROUP_M, programs per SM).
+# Run 17 call 1 also had 4-warp and 64-row tiles at one program per SM (290-300 TFLOP/s) and an unsplit
+# store (~400), call 2 warp-specialised variants (no gain) and GROUP_M 4 / 16: all slower or equal.
+CANDIDATES = [(128, 256, 64, 8, 3, True, False, 8, 1), (128, 256, 64, 8, 4, True, False, 8, 1),
+              (256, 128, 64, 8, 3, True, False, 8, 1), (128, 128, 64, 4, 2, True, False, 8, 2),
+              (128, 64, 64, 4, 3, True, False, 8, 2), (128, 128, 64, 4, 2, False, False, 8, 2),
+              (64, 256, 64, 4, 2, True, False, 8, 2), (128, 128, 32, 4, 4, True, False, 8, 2)]
 
 
-def config_of(bm: int, bn: int, bk: int, warps: int, stages: int, split: bool, ws: bool, group: int) -> dict[str, Any]:
+def config_of(bm: int, bn: int, bk: int, warps: int, stages: int, split: bool, ws: bool, group: int,
+              per_sm: int) -> dict[str, Any]:
     return {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group, "SPLIT_STORE": split,
-            "WARP_SPECIALIZE": ws, "num_warps": warps, "num_stages": stages}
+            "WARP_SPECIALIZE": ws, "PROGRAMS_PER_SM": per_sm, "num_warps": warps, "num_stages": stages}
 
 
 def sweep() -> dict[tuple, float]:

@@ -27,14 +27,16 @@ from rex_stream.engine import triton_attention
 triton, tl = triton_attention.triton, triton_attention.tl
 _INTERPRET = triton_attention._INTERPRET
 
-# The CUDA entry: the fastest of `bench/ffn_sweep.py`'s candidates on an H200 (run 17 call 1: 446 TFLOP/s at
-# 45,056 tokens, 0.477 ms against 0.535 for cuBLAS's GEMM then torch's GELU; 4-warp, 64-row and
-# unsplit-store tiles were slower). The CPU entry is for the interpreter (tests).
+# The CUDA entry: the fastest of `bench/ffn_sweep.py`'s candidates on an H200 (run 17 calls 1 and 2: ~445
+# TFLOP/s at 45,056 tokens, 0.48 ms against 0.535 for cuBLAS's GEMM then torch's GELU; 4-warp, 64-row and
+# unsplit-store tiles were slower, triton 3.6's warp specialisation gave nothing here, and 3 or 4 stages
+# were within 1-5 %). PROGRAMS_PER_SM > 1 lets programs that fit an SM together overlap one's epilogue
+# (the erf) with another's loads and MMAs. The CPU entry is for the interpreter (tests).
 KERNEL_CONFIGS: dict[str, dict[str, Any]] = {
     "cuda": {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8, "SPLIT_STORE": True,
-             "WARP_SPECIALIZE": False, "num_warps": 8, "num_stages": 4},
+             "WARP_SPECIALIZE": False, "PROGRAMS_PER_SM": 1, "num_warps": 8, "num_stages": 3},
     "cpu": {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 16, "GROUP_M": 2, "SPLIT_STORE": True,
-            "WARP_SPECIALIZE": False, "num_warps": 4, "num_stages": 1},
+            "WARP_SPECIALIZE": False, "PROGRAMS_PER_SM": 1, "num_warps": 4, "num_stages": 1},
 }
 
 if triton is not None:
@@ -129,8 +131,9 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         cfg = dict(config or KERNEL_CONFIGS.get(x.device.type, KERNEL_CONFIGS["cuda"]))
         bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
         store_n = bn // 2 if cfg["SPLIT_STORE"] else bn
-        # One program per SM (fewer for a small x); the stride stays the SM count, so one binary serves all.
-        programs = _programs(x.device.type, x.device.index)
+        # PROGRAMS_PER_SM programs per SM (fewer for a small x); the stride stays that count, so one binary
+        # serves every x.
+        programs = _programs(x.device.type, x.device.index) * cfg["PROGRAMS_PER_SM"]
         _linear_gelu_fwd[(min(programs, triton.cdiv(m, bm) * triton.cdiv(n, bn)),)](
             TensorDescriptor.from_tensor(rows, [bm, bk]), TensorDescriptor.from_tensor(weight, [bn, bk]),
             TensorDescriptor.from_tensor(out, [bm, store_n]), bias.contiguous(), m, N=n, K=k,
