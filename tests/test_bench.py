@@ -130,15 +130,6 @@ def test_precision_compares_reduced_precision_with_fp32(golden_cases: list[dict]
     assert result["flips_within_error"] == (result["flip_max_abs_fp32_logit"] <= result["logit_max_abs_error"])
 
 
-def test_ramped_calls_cover_every_message_once() -> None:
-    from rex_stream.bench.multiproc import ramped_calls
-
-    assert ramped_calls(12000, 5000) == [(0, 625), (625, 1875), (1875, 4375), (4375, 9375), (9375, 12000)]
-    assert ramped_calls(12000, 5000, ramp=False) == [(0, 5000), (5000, 10000), (10000, 12000)]
-    assert ramped_calls(3, 4) == [(0, 1), (1, 2), (2, 3)]  # tiny chunks: calls of at least one message
-    assert ramped_calls(0, 5000) == []
-
-
 def test_multiproc_runs_every_message_once_per_layout(shared_dir: Path, tiny_model: Path) -> None:
     from rex_stream.bench.multiproc import measure
 

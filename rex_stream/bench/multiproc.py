@@ -28,23 +28,6 @@ WARMUP_MESSAGES = 128  # each process's untimed run before the start, unless tol
 _TIMEOUT_S = 1800.0
 
 
-def ramped_calls(count: int, chunk: int, ramp: bool = True) -> list[tuple[int, int]]:
-    """The (start, stop) message ranges of a process's engine calls over `count` messages.
-
-    Calls of `chunk` messages; with `ramp`, the first three take chunk / 8, / 4 and / 2, so that every
-    process that starts at the go has its first batches on the device after tokenising a few hundred
-    messages rather than a whole chunk (the device otherwise idles that long at the start: ~160 ms
-    of ner with chunks of 5,000, 6-7 % of a 60,000-message run on an H200, BENCHMARKS run 17).
-    """
-    sizes = [max(1, chunk // 8), max(1, chunk // 4), max(1, chunk // 2)] if ramp else []
-    calls, start = [], 0
-    while start < count:
-        stop = min(count, start + (sizes.pop(0) if sizes else chunk))
-        calls.append((start, stop))
-        start = stop
-    return calls
-
-
 def _device(args: dict[str, Any], rank: int) -> str:
     """Where rank `rank`'s model runs: GPU rank % gpus on CUDA, else `args["device"]`."""
     return f"cuda:{rank % args['gpus']}" if args["device"] == "cuda" else args["device"]
@@ -73,9 +56,9 @@ def _child(rank: int, procs: int, args: dict[str, Any], link: Any, go: Any, resu
     results.put(rank)
     go.wait(timeout=_TIMEOUT_S)
     start = time.perf_counter()
-    keep, kept = args.get("keep", 0), []
-    for i, stop in ramped_calls(len(items), args["chunk"], args.get("ramp", True)):
-        outcomes = engine.infer(items[i:stop])
+    chunk, keep, kept = args["chunk"], args.get("keep", 0), []
+    for i in range(0, len(items), chunk):
+        outcomes = engine.infer(items[i:i + chunk])
         kept += [(rank + procs * (i + j), o) for j, o in enumerate(outcomes) if rank + procs * (i + j) < keep]
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
@@ -167,7 +150,6 @@ def main() -> int:
     p.add_argument("--batch-tokens", type=int, default=65536)
     p.add_argument("--attention", default="auto", help="engine attention path (auto, sdpa, flex, triton)")
     p.add_argument("--chunk", type=int, default=2048, help="messages per engine.infer call")
-    p.add_argument("--no-ramp", action="store_true", help="every call `--chunk` messages (default: the first three smaller)")
     p.add_argument("--warmup", type=int, default=WARMUP_MESSAGES, help="messages each process runs before the timed pass")
     p.add_argument("--device-server", action="store_true",
                    help="one process per GPU owns it; the --procs processes only do the host work")
@@ -176,8 +158,7 @@ def main() -> int:
     a = p.parse_args()
     args = {"model": a.model, "workload": a.workload, "messages": a.messages, "device": a.device, "dtype": a.dtype,
             "batch_tokens": a.batch_tokens, "chunk": a.chunk, "gpus": a.gpus, "attention": a.attention,
-            "device_server": a.device_server, "warmup": a.warmup, "batch_cost": a.batch_cost, "ramp": not a.no_ramp,
-            "shared": os.environ.get("REX_SHARED", "../shared")}
+            "device_server": a.device_server, "warmup": a.warmup, "batch_cost": a.batch_cost, "shared": os.environ.get("REX_SHARED", "../shared")}
     rows = [measure(int(n), args) for n in a.procs.split(",")]
     base = rows[0]["msgs_s"]
     for row in rows:
@@ -186,7 +167,7 @@ def main() -> int:
     import torch
 
     result = {"workload": a.workload, "gpus": a.gpus, "device_server": a.device_server, "dtype": a.dtype,
-              "batch_cost": a.batch_cost, "chunk": a.chunk, "ramp": not a.no_ramp,
+              "batch_cost": a.batch_cost, "chunk": a.chunk,
               "attention": a.attention, "rows": rows,
               "device": torch.cuda.get_device_name() if a.device == "cuda" else "cpu",
               "cpu_cores": os.cpu_count(), "date": time.strftime("%Y-%m-%d", time.gmtime())}

@@ -8,8 +8,8 @@ run on the same card, the same model object and the same CUDA context, as the be
 
 Each host process takes every `hosts`-th message and warms up on the first `warm / hosts` of its
 share (the one-process pass's warm-up, shared out). It then says so, waits for the bench's go, and
-runs its share in calls of `chunk` messages (the first three smaller, `multiproc.ramped_calls`), so
-the device is fed before a host has walked its whole share, and soon after the go. The time runs from the go to the last host's answer. Batches are recorded in the
+runs its share in calls of `chunk` messages, so the device is fed before a host has walked its
+whole share. The time runs from the go to the last host's answer. Batches are recorded in the
 device thread as in the one-process pass; their latency runs from the batch's arrival in this
 process to its links on the host.
 """
@@ -68,5 +68,5 @@ def served_path(engine: Engine, engine_kwargs: dict[str, Any], workload: str, sh
     return PathRun("engine", sum(g[1] for g in got), seconds, list(runner.records), [o for _, o in kept],
                    peak_memory(engine.device),
                    {"dtype": engine.dtype, "budget": budget, "max_batch": engine.max_batch, "batch_cost": got[0][6],
-                    "host_processes": hosts, "host_chunk": args["chunk"], "host_ramp": True})
+                    "host_processes": hosts, "host_chunk": args["chunk"]})
 
