@@ -114,11 +114,12 @@ def triton_unavailable_reason(device: torch.device | str) -> str | None:
 if triton is not None:
 
     @triton.jit
-    def _mma(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-        """a @ b with fp32 accumulation; UPCAST (interpreter only) multiplies fp32 copies instead."""
+    def _mma(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+        """acc + a @ b, accumulated in fp32. UPCAST (interpreter only: its tl.dot is wrong on bf16
+        operands) multiplies fp32 copies of the same values instead."""
         if UPCAST:
-            return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-        return tl.dot(a, b, input_precision=PRECISION)
+            return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(a, b, acc, input_precision=PRECISION)
 
     # Integer arguments are specialised by triton (value 1 becomes a constant, multiples of 16 get a
     # divisibility hint), so every new (L == 1, L % 16 == 0, R == 1, offset % 16 == 0, ...) combination
@@ -188,6 +189,7 @@ if triton is not None:
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        bias_scale = LOG2E / qk_scale
 
         # A query tile entirely beyond the row's length visits no key tile and stores nothing.
         n_end = tl.where(pid_m * BLOCK_M < length, length, 0)
@@ -199,7 +201,6 @@ if triton is not None:
                          mask=in_n[None, :] & in_d[:, None], other=0.0)
             v = tl.load(v_row + offs_n[:, None] * stride_vt + offs_d[None, :] * stride_vd,
                         mask=in_n[:, None] & in_d[None, :], other=0.0)
-            qk = _mma(q, kt, PRECISION, UPCAST_DOT)  # [BLOCK_M, BLOCK_N], fp32
 
             # Relative distance, then the two bias gathers (pointer arithmetic, no L x L tensor).
             d = tl.minimum(tl.maximum(pos_i[:, None] - pos_j[None, :], 0), R - 1)
@@ -221,15 +222,18 @@ if triton is not None:
             apart = (grp_i[:, None] != grp_j[None, :]) | (both_slot & (slt_i[:, None] != slt_j[None, :]))
             allowed = val_i[:, None] & val_j[None, :] & ~(both_prompt & apart)
 
-            # Scores in log2 units: exp2(x * log2 e) == exp(x).
-            s = qk * qk_scale + (c2p + p2c) * LOG2E
+            # Scores in log2 units (exp2(x * log2 e) == exp(x)): (q.k^T + bias / scale) * qk_scale, the bias
+            # as the product's initial accumulator. Added after the product instead, it made triton 3.6
+            # keep the softmax in two register layouts and compute every exp2 twice (ptxas for sm_90:
+            # 70 ex2 instructions against 34, 255 registers with spills against 216 without).
+            s = _mma(q, kt, (c2p + p2c) * bias_scale, PRECISION, UPCAST_DOT) * qk_scale
             s = tl.where(allowed, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing allowed yet: avoid -inf - -inf
             alpha = tl.exp2(m_i - m_use)
             p = tl.exp2(s - m_use[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _mma(p.to(v.dtype), v, PRECISION, UPCAST_DOT)
+            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], PRECISION, UPCAST_DOT)
             m_i = m_new
 
         # Rows with nothing allowed have acc == 0 and l_i == 0: they store exactly 0.

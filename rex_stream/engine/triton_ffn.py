@@ -44,6 +44,7 @@ if triton is not None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
+    _mma = triton_attention._mma
 
     @triton.jit
     def _gelu_store(out_desc, acc, off_m, off_n, OUT_DTYPE: tl.constexpr):
@@ -71,10 +72,7 @@ if triton is not None:
             for k in range(0, K, BLOCK_K):
                 a = x_desc.load([off_m, k])
                 b = w_desc.load([off_n, k])
-                if UPCAST_DOT:  # the interpreter's bf16 dot is wrong: multiply fp32 copies of the same values
-                    acc = tl.dot(a.to(tl.float32), b.to(tl.float32).T, acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(a, b.T, acc)
+                acc = _mma(a, b.T, acc, "tf32", UPCAST_DOT)
             offs_n = off_n + tl.arange(0, BLOCK_N)
             acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             if SPLIT_STORE:  # two half-width stores: half the epilogue's shared memory, left to the loads
