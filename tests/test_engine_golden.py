@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,28 @@ def test_one_by_one_equals_batched(tiny_model: Path, golden_cases: list[dict], b
         alone = engine.infer([(case["text"], case["schema"])])[0]
         assert alone.output == batched["output"], case["id"]
         assert alone.forwards == case["forwards"], case["id"]  # same hint packing and windows
+
+
+def test_each_request_tokenises_its_text_once(tiny_model: Path, golden_cases: list[dict]):
+    """A text is tokenised once per request over all its levels, and again for the next request with
+    the same text: no text cache is shared by requests (benchmarks repeat a dev set's texts)."""
+    extraction = [c for c in golden_cases if "[CLASSIFY]" not in c["text"] and "[MULTICLASSIFY]" not in c["text"]]
+    case = max(extraction, key=lambda c: (c["levels"], c["forwards"]))
+    assert case["levels"] >= 3
+    engine = Engine(tiny_model, limits=Limits(allow_empty_text=True))
+    encoded: Counter[str] = Counter()
+    pieces = engine.tokenizer.pieces
+
+    def counted(text: str):
+        encoded[text] += 1
+        return pieces(text)
+
+    engine.tokenizer.pieces = counted
+    first, second = engine.infer([(case["text"], case["schema"])] * 2)
+    assert first.output == second.output == case["output"]
+    assert first.forwards == case["forwards"]
+    assert encoded[case["text"]] == 2
+    assert encoded.total() > 2  # the deeper levels' hints (they quote spans) are this request's too
 
 
 def test_sigmoid_scoring_changes_only_classification(tiny_model: Path, golden_cases: list[dict]):

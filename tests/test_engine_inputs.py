@@ -22,7 +22,7 @@ def tok(tiny_model) -> RexTokenizer:
 
 
 def test_windows_equal_the_reference_pair_encoding(tok: RexTokenizer, golden_cases: list[dict]):
-    """Our cached split tokenisation gives exactly the overflowing pair windows of the reference call."""
+    """Our split tokenisation gives exactly the overflowing pair windows of the reference call."""
     rng = random.Random(7)
     long_texts = ["".join(rng.choice("中国北京上海的了是在有人和年月日1234abc，。 ") for _ in range(n)) for n in (300, 700, 1500)]
     checked = 0
@@ -30,19 +30,21 @@ def test_windows_equal_the_reference_pair_encoding(tok: RexTokenizer, golden_cas
         for hint in build_hints({(): case["schema"]}, tok.count):
             for text in (case["text"], *long_texts):
                 for cls in (False, True):
-                    assert tok.windows(hint.text, text, cls) == tok.reference_windows(hint.text, text, cls)
+                    windows = tok.windows(tok.pieces(hint.text), tok.pieces(text), cls)
+                    assert windows == tok.reference_windows(hint.text, text, cls)
                     checked += 1
     assert checked > 500
 
 
 def test_windows_overlap_by_the_stride(tok: RexTokenizer):
     text = "北京" * 600
-    windows = tok.windows("[PREFIX][TYPE]地点", text, classification=False)
+    hint = tok.pieces("[PREFIX][TYPE]地点")
+    windows = tok.windows(hint, tok.pieces(text), classification=False)
     assert len(windows) >= 3 and all(len(w.ids) <= 512 for w in windows)
     first, second = windows[0], windows[1]
     nh = first.num_hint_tokens
     assert first.ids[-1 - 32:-1] == second.ids[nh:nh + 32]  # 32-token overlap for extraction
-    no_overlap = tok.windows("[PREFIX][TYPE]地点", text, classification=True)
+    no_overlap = tok.windows(hint, tok.pieces(text), classification=True)
     assert no_overlap[0].offsets[-2][1] == no_overlap[1].offsets[nh][0]  # stride 0 for classification
 
 
@@ -52,7 +54,7 @@ def test_hints_respect_the_token_limit_and_repeat_the_prefix_header(tok: RexToke
     assert len(hints) > 1
     for hint in hints:
         assert hint.text.startswith("[PREFIX]")
-        assert len(tok.windows(hint.text, "", False)[0].ids) - 1 <= HINT_MAX_LEN  # [CLS] hint [SEP]
+        assert len(tok.windows(tok.pieces(hint.text), tok.pieces(""), False)[0].ids) - 1 <= HINT_MAX_LEN
     assert sum(len(h.slots) for h in hints) == 120
     names = [slot[1] for h in hints for slot in h.slots]
     assert names == sorted(labels)

@@ -68,7 +68,7 @@ def test_a_pipeline_failure_costs_only_its_culprit(engine: Engine, golden_cases:
     halves, so only the request that causes it comes back with an error, and serving goes on."""
     cases = golden_cases[:24]
     poison = "这条消息让批次失败"
-    poison_ids = list(engine.tokenizer._encode_piece(poison)[0])
+    poison_ids = list(engine.tokenizer.pieces(poison)[0])
     prepare = engine.runner.prepare
 
     def carries_poison(ids: list[int]) -> bool:

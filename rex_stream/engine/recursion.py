@@ -12,13 +12,13 @@ a classification finds nothing, and the final single/multi-label selection.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from .decode import DecodeInput, Hit, Links, Result, decode_blank, decode_links
 from .prompt import Prefix, build_hints
-from .tokenizer import CLASSIFY_TOKEN, MULTI_CLASSIFY_TOKEN, RexTokenizer, Window
+from .tokenizer import CLASSIFY_TOKEN, MULTI_CLASSIFY_TOKEN, Pieces, RexTokenizer, Window
 
 MULTI_LABEL_THRESHOLD = 0.9
 INFO_KEY_SEP = "[INFOKEY]"
@@ -59,12 +59,32 @@ def task_marker(text: str) -> str | None:
     return None
 
 
-def solve(tok: RexTokenizer, text: str, schema: Mapping[str, Any]) -> Solver:
-    """The whole pipeline for one (text, schema): first pass, handshake pass, label selection."""
-    results = yield from _recurse(tok, text, schema, blank=False)
+@dataclass(frozen=True)
+class _Tokens:
+    """How one level tokenises its hints (token counts of their parts, pieces) and its text."""
+
+    count: Callable[[str], int]
+    hint: Callable[[str], Pieces]
+    text: Callable[[str], Pieces]
+
+
+def solve(tok: RexTokenizer, text: str, schema: Mapping[str, Any], text_pieces: Pieces | None = None) -> Solver:
+    """The whole pipeline for one (text, schema): first pass, handshake pass, label selection.
+
+    The request's text, and the hints below level 0 (they quote its spans), are tokenised once per
+    request, whatever the number of hint chunks, levels and passes; only level-0 hints, built from
+    the schema alone, use the tokenizer's caches shared by all requests. Messages share schemas, not
+    texts: a shared text cache would only pay off on repeated texts, and would make a benchmark
+    that repeats a dev set (ner: 100 distinct texts) time cache hits instead of tokenisation.
+    `text_pieces`: the text's `pieces`, if the caller tokenised it already (with its batch mates).
+    """
+    pieces = _memo(tok.pieces, {} if text_pieces is None else {text: text_pieces})
+    own = _Tokens(_memo(tok.token_count, {}), pieces, pieces)
+    shared = _Tokens(tok.count, tok.hint_pieces, pieces)
+    results = yield from _recurse(tok, text, schema, False, shared, own)
     marker = task_marker(text)
     if not results and marker is not None:
-        results = yield from _recurse(tok, text, schema, blank=True)
+        results = yield from _recurse(tok, text, schema, True, shared, own)
     if results and CLASSIFY_TOKEN in text:
         best = _mean_confidences(results)
         results = [results[best.index(max(best))]]
@@ -94,13 +114,27 @@ class _Planned:
     text: str  # the (possibly edited) text this window's offsets refer to
 
 
-def _recurse(tok: RexTokenizer, text: str, schema: Mapping[str, Any], blank: bool) -> Solver:
+def _memo(encode: Callable[[str], Any], known: dict[str, Any]) -> Callable[[str], Any]:
+    """`encode`, computed once per string for this request (`known`: what is already computed)."""
+
+    def get(s: str) -> Any:
+        found = known.get(s)
+        if found is None:
+            found = known[s] = encode(s)
+        return found
+
+    return get
+
+
+def _recurse(tok: RexTokenizer, text: str, schema: Mapping[str, Any], blank: bool, first: _Tokens,
+             deeper: _Tokens) -> Solver:
     results: list[Any] = []
     level: dict[Prefix, Any] = {(): schema}
+    tokens = first
     while level:
-        hints = build_hints(level, tok.count)
+        hints = build_hints(level, tokens.count)
         marker = task_marker(text)
-        planned, text = _plan(tok, hints, text, marker)
+        planned, text = _plan(tok, tokens, hints, text, marker)
         links = yield [Forward(p.window.ids, p.window.num_hint_tokens, marker is not None) for p in planned]
         next_level: dict[Prefix, Any] = {}
         chunk_info: dict[str, list] = {}
@@ -122,11 +156,11 @@ def _recurse(tok: RexTokenizer, text: str, schema: Mapping[str, Any], blank: boo
         if marker == CLASSIFY_TOKEN and candidates:
             key, confs = sorted(candidates, key=lambda c: sum(c[1]), reverse=True)[0]
             results.append(_label_items(key, confs, marker))
-        level = next_level
+        level, tokens = next_level, deeper
     return results
 
 
-def _plan(tok: RexTokenizer, hints: list, text: str, marker: str | None) -> tuple[list[_Planned], str]:
+def _plan(tok: RexTokenizer, tokens: _Tokens, hints: list, text: str, marker: str | None) -> tuple[list[_Planned], str]:
     """Every window of every chunk of one level, in the reference's order.
 
     For classification, windows after the first get the marker token at their start (their last
@@ -136,7 +170,7 @@ def _plan(tok: RexTokenizer, hints: list, text: str, marker: str | None) -> tupl
     """
     planned: list[_Planned] = []
     for c, hint in enumerate(hints):
-        windows = tok.windows(hint.text, text, classification=marker is not None)
+        windows = tok.windows(tokens.hint(hint.text), tokens.text(text), classification=marker is not None)
         for j, w in enumerate(windows):
             if j and marker is not None:
                 w, text = _reinsert_marker(w, text, j, marker, tok)

@@ -26,6 +26,8 @@ BASE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 MAX_LEN = 512
 EXTRACTION_STRIDE = 32
 
+Pieces = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]  # a string's token ids and character offsets
+
 
 @dataclass(frozen=True)
 class Window:
@@ -67,27 +69,35 @@ class RexTokenizer:
         )
         self.vocab_size = self._single.get_vocab_size(with_added_tokens=True)
 
-        self.count = lru_cache(maxsize=65536)(self._count)
-        self._pieces = lru_cache(maxsize=8192)(self._encode_piece)
+        # Shared by all requests, for strings built from a schema alone (many messages share a schema):
+        # texts, and hints that quote them, are memoised per request instead (`recursion.solve`).
+        self.count = lru_cache(maxsize=65536)(self.token_count)
+        self.hint_pieces = lru_cache(maxsize=8192)(self.pieces)
 
-    def _count(self, text: str) -> int:
+    def token_count(self, text: str) -> int:
         """Tokens of `text` plus one marker, as the reference counts hint parts (`len(ids) - 1`)."""
         return len(self._single.encode(text).ids) - 1
 
-    def _encode_piece(self, text: str) -> tuple[tuple[int, ...], tuple[tuple[int, int], ...]]:
+    def pieces(self, text: str) -> Pieces:
+        """Token ids and character offsets of `text` alone (no special tokens)."""
         enc = self._single.encode(text, add_special_tokens=False)
         return tuple(enc.ids), tuple(enc.offsets)
 
-    def windows(self, hint: str, text: str, classification: bool) -> list[Window]:
-        """All windows of one (hint, text) pair: stride 32 for extraction, 0 for classification.
+    def pieces_of(self, texts: list[str]) -> list[Pieces]:
+        """`pieces` of each text, in one call that tokenises them on several threads."""
+        return [(tuple(e.ids), tuple(e.offsets)) for e in self._single.encode_batch(texts, add_special_tokens=False)]
 
-        Same result as the pair encoding with `truncation="only_second"`, `max_length`, `stride`
-        and overflowing tokens (`reference_windows`), but the hint and the text are tokenised
-        separately and cached, so a text is tokenised once per request rather than once per
-        hint chunk and level, and a hint once per distinct hint.
+    def windows(self, hint: Pieces, text: Pieces, classification: bool) -> list[Window]:
+        """All windows of one (hint, text) pair, from their `pieces`: stride 32 for extraction, 0 for
+        classification.
+
+        Same result as the pair encoding of the two strings with `truncation="only_second"`,
+        `max_length`, `stride` and overflowing tokens (`reference_windows`), but the hint and the
+        text are tokenised separately, so a text is tokenised once per request rather than once per
+        hint chunk and level, and a schema's hint once for all requests.
         """
-        hint_ids, hint_offsets = self._pieces(hint)
-        text_ids, text_offsets = self._pieces(text)
+        hint_ids, hint_offsets = hint
+        text_ids, text_offsets = text
         cls, sep = self.special.cls, self.special.sep
         head_ids = [cls, *hint_ids, sep]
         head_offsets = [(0, 0), *hint_offsets, (0, 0)]
