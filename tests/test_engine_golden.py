@@ -50,13 +50,17 @@ def test_each_request_tokenises_its_text_once(tiny_model: Path, golden_cases: li
     assert case["levels"] >= 3
     engine = Engine(tiny_model, limits=Limits(allow_empty_text=True))
     encoded: Counter[str] = Counter()
-    pieces = engine.tokenizer.pieces
+    pieces, pieces_of = engine.tokenizer.pieces, engine.tokenizer.pieces_of
 
     def counted(text: str):
         encoded[text] += 1
         return pieces(text)
 
-    engine.tokenizer.pieces = counted
+    def counted_batch(texts: list[str]):
+        encoded.update(texts)
+        return pieces_of(texts)
+
+    engine.tokenizer.pieces, engine.tokenizer.pieces_of = counted, counted_batch
     first, second = engine.infer([(case["text"], case["schema"])] * 2)
     assert first.output == second.output == case["output"]
     assert first.forwards == case["forwards"]
