@@ -223,8 +223,10 @@ class Engine:
                 group = []
                 while len(group) < ADMIT_GROUP and (nxt := source.take()) is not None:
                     group.append(nxt)
+                if not group:
+                    break
+                started = True
                 drained = len(group) < ADMIT_GROUP  # none waits now: this round ends with this group
-                started = started or bool(group)
                 texts = self.tokenizer.pieces_of([req.text for _, req in group])
                 for (i, req), text_pieces in zip(group, texts):
                     outcomes[i] = Outcome()

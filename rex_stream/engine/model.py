@@ -707,7 +707,7 @@ class RexModel(nn.Module):
                     triton_rotary.rotate_pairs(x, position_ids, self.rotary_emb.freqs, bias) for x, bias in parts])
             q, k = rotated or [self.rotary_emb(x if bias is None else x + bias, position_ids) for x, bias in parts]
             product = None
-            if "head" in fusions and "head" not in self._fusion_errors:  # the projection may have just failed
+            if "head" in fusions:
                 product = self._guarded("head", lambda: _matmul_fp32(
                     triton_split.split_bf16x3(q, "hi,hi,lo").flatten(-2),
                     triton_split.split_bf16x3(k, "hi,lo,hi").flatten(-2).transpose(-1, -2)))
@@ -741,7 +741,12 @@ class RexModel(nn.Module):
         return self._guarded("gelu", lambda: triton_ffn.linear_gelu(x, dense.weight, dense.bias))
 
     def _guarded(self, fusion: str, run: Callable[[], _T]) -> _T | None:
-        """``run()``; None if it raised, which also switches ``fusion`` off (one warning; OOM propagates)."""
+        """``run()``; None if it raised, which also switches ``fusion`` off (one warning; OOM propagates).
+
+        None at once if ``fusion`` is off already: a failure switches it off for the rest of the forward
+        too (the later layers' GELUs, the head's product after its projection)."""
+        if fusion in self._fusion_errors:
+            return None
         try:
             return run()
         except torch.OutOfMemoryError:
