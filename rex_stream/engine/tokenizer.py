@@ -16,6 +16,8 @@ from pathlib import Path
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
+from .char_pieces import CharPieces, Pieces
+
 PREFIX_TOKEN = "[PREFIX]"
 TYPE_TOKEN = "[TYPE]"
 CLASSIFY_TOKEN = "[CLASSIFY]"
@@ -25,8 +27,6 @@ BASE_SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 
 MAX_LEN = 512
 EXTRACTION_STRIDE = 32
-
-Pieces = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]  # a string's token ids and character offsets
 
 
 @dataclass(frozen=True)
@@ -57,10 +57,10 @@ class RexTokenizer:
         vocab_file = model_dir / "vocab.txt"
         if not vocab_file.is_file():
             raise FileNotFoundError(f"{vocab_file} not found: a RexUniNLU model directory needs vocab.txt")
-        self._vocab_file = vocab_file
+        self._vocab = _read_vocab(vocab_file)
         self._settings = _tokenizer_settings(model_dir)
         self.max_len = max_len
-        self._single = _build(vocab_file, self._settings)
+        self._single = _build(self._vocab, self._settings)
         self._pair_tokenizers: dict[int, Tokenizer] = {}  # stride → truncating pair tokenizer (oracle only)
         tid = self._single.token_to_id
         self.special = SpecialIds(
@@ -68,6 +68,9 @@ class RexTokenizer:
             type=tid(TYPE_TOKEN), classify=tid(CLASSIFY_TOKEN), multi_classify=tid(MULTI_CLASSIFY_TOKEN),
         )
         self.vocab_size = self._single.get_vocab_size(with_added_tokens=True)
+        added = {t: tid(t) for t in (*BASE_SPECIAL_TOKENS, *TASK_TOKENS)}
+        # the table path assumes BERT's default normaliser (lower-casing, accent stripping, CJK spacing)
+        self._chars = _char_pieces(self._single, self._vocab, added) if all(self._settings.values()) else None
 
         # Shared by all requests, for strings built from a schema alone (many messages share a schema):
         # texts, and hints that quote them, are memoised per request instead (`recursion.solve`).
@@ -75,17 +78,28 @@ class RexTokenizer:
         self.hint_pieces = lru_cache(maxsize=8192)(self.pieces)
 
     def token_count(self, text: str) -> int:
-        """Tokens of `text` plus one marker, as the reference counts hint parts (`len(ids) - 1`)."""
-        return len(self._single.encode(text).ids) - 1
+        """Tokens of `text` plus one marker, as the reference counts hint parts (`len(ids) - 1` of the
+        encoding with `[CLS]` and `[SEP]`)."""
+        return len(self.pieces(text)[0]) + 1
 
     def pieces(self, text: str) -> Pieces:
         """Token ids and character offsets of `text` alone (no special tokens)."""
+        found = self._chars.pieces(text) if self._chars else None
+        if found is not None:
+            return found
         enc = self._single.encode(text, add_special_tokens=False)
         return tuple(enc.ids), tuple(enc.offsets)
 
     def pieces_of(self, texts: list[str]) -> list[Pieces]:
-        """`pieces` of each text, in one call that tokenises them on several threads."""
-        return [(tuple(e.ids), tuple(e.offsets)) for e in self._single.encode_batch(texts, add_special_tokens=False)]
+        """`pieces` of each text; those the character table can't take are tokenised in one
+        `tokenizers` call, on its threads."""
+        found = [self._chars.pieces(t) for t in texts] if self._chars else [None] * len(texts)
+        rest = [i for i, p in enumerate(found) if p is None]
+        if rest:
+            encodings = self._single.encode_batch([texts[i] for i in rest], add_special_tokens=False)
+            for i, enc in zip(rest, encodings):
+                found[i] = (tuple(enc.ids), tuple(enc.offsets))
+        return found
 
     def windows(self, hint: Pieces, text: Pieces, classification: bool) -> list[Window]:
         """All windows of one (hint, text) pair, from their `pieces`: stride 32 for extraction, 0 for
@@ -124,7 +138,7 @@ class RexTokenizer:
         stride = 0 if classification else EXTRACTION_STRIDE
         tok = self._pair_tokenizers.get(stride)
         if tok is None:
-            tok = _build(self._vocab_file, self._settings)
+            tok = _build(self._vocab, self._settings)
             tok.enable_truncation(self.max_len, stride=stride, strategy="only_second")
             self._pair_tokenizers[stride] = tok
         enc = tok.encode(hint, text)
@@ -147,12 +161,33 @@ def _tokenizer_settings(model_dir: Path) -> dict:
     }
 
 
-def _build(vocab_file: Path, settings: dict) -> Tokenizer:
+_char_tables: dict[tuple, CharPieces] = {}
+
+
+def _char_pieces(tok: Tokenizer, vocab: dict[str, int], added: dict[str, int]) -> CharPieces:
+    """The character table of a vocabulary, built and checked against `tok` once per process (~0.5 s)."""
+    key = (tuple(vocab.items()), tuple(added.items()))
+    if key not in _char_tables:
+
+        def reference(text: str) -> Pieces:
+            enc = tok.encode(text, add_special_tokens=False)
+            return tuple(enc.ids), tuple(enc.offsets)
+
+        _char_tables[key] = CharPieces(vocab, vocab["[UNK]"], added, reference)
+    return _char_tables[key]
+
+
+def _read_vocab(vocab_file: Path) -> dict[str, int]:
+    """`vocab.txt`'s tokens and ids (a repeated line keeps its first id, as `tokenizers` does)."""
     vocab: dict[str, int] = {}
     with vocab_file.open(encoding="utf-8") as fh:
         for index, line in enumerate(fh):
             vocab.setdefault(line.rstrip("\n"), index)
-    tok = Tokenizer(WordPiece(vocab, unk_token="[UNK]", max_input_chars_per_word=100))
+    return vocab
+
+
+def _build(vocab: dict[str, int], settings: dict) -> Tokenizer:
+    tok = Tokenizer(WordPiece(dict(vocab), unk_token="[UNK]", max_input_chars_per_word=100))
     tok.normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=settings["chinese_chars"],
         strip_accents=settings["strip_accents"], lowercase=settings["lowercase"],
