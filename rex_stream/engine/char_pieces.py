@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import unicodedata
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 Pieces = tuple[tuple[int, ...], tuple[tuple[int, int], ...]]  # a string's token ids and character offsets
 
@@ -64,7 +64,8 @@ def _is_punctuation(code: int, category: str) -> bool:
     return 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126 or category[0] == "P"
 
 
-def _by_segment(pieces: Pieces | tuple[list[int], list[tuple[int, int]]], width: int) -> dict[int, list[tuple[int, int, int]]]:
+def _by_segment(pieces: tuple[Sequence[int], Sequence[tuple[int, int]]],
+                width: int) -> dict[int, list[tuple[int, int, int]]]:
     """Tokens (id, start, end) grouped by which `width`-character segment of the text they start in."""
     segments: dict[int, list[tuple[int, int, int]]] = defaultdict(list)
     for token, (a, b) in zip(*pieces):
