@@ -39,8 +39,9 @@ _Item = tuple[Hashable, int, Forward]
 
 _GC_THRESHOLDS = (50_000, 20, 10)
 
-# Requests admitted together: their texts are tokenised in one call, on the tokenizer's threads
-# (`RexTokenizer.pieces_of`). A group may take the pool past its admission target by a few requests.
+# Requests admitted together: their texts are tokenised in one call (`RexTokenizer.pieces_of`: the
+# character table, and one threaded `tokenizers` call for the texts it can't take). A group may take
+# the pool past its admission target by a few requests.
 ADMIT_GROUP = 32
 
 
