@@ -10,6 +10,13 @@ from pathlib import Path
 from .config import DEFAULT_MODEL
 
 
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {number}")
+    return number
+
+
 def _engine_flags(p: argparse.ArgumentParser, device: str = "cpu", dtype: str = "fp32") -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="model directory or ModelScope model id")
     p.add_argument("--device", default=device, help="cpu, cuda or cuda:N")
@@ -63,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     _settings_flags(p)
     p.add_argument("--gpus", help="all, N, or a list like 0,2: one worker process per GPU")
     p.add_argument("--workers", type=int, help="number of worker processes (CPU devices)")
-    p.add_argument("--workers-per-gpu", type=int, default=1,
-                   help="worker processes per selected GPU (spreads per-message CPU work over more cores)")
+    p.add_argument("--workers-per-gpu", type=_positive_int, default=None,
+                   help="worker processes per selected GPU (spreads per-message CPU work over more cores); "
+                        "default 1, or with --device-server half the CPU cores per GPU, at most 8")
     p.add_argument("--device-server", action="store_true",
                    help="per GPU (or, without --gpus, for all workers) one device process owns the model and the "
                         "workers only do the host work: one model copy and CUDA context per GPU")

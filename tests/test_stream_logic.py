@@ -5,12 +5,13 @@ from __future__ import annotations
 import orjson
 import pytest
 
+from rex_stream.cli import build_parser
 from rex_stream.config import LimitSettings, Settings, load_settings, redacted
 from rex_stream.engine.requests import Limits, RequestError
 from rex_stream.stream.batcher import Accumulator, BatchPolicy
 from rex_stream.stream.messages import Source, dead_letter_record, decode
 from rex_stream.stream.offsets import OffsetTracker
-from rex_stream.stream.supervisor import parse_gpus
+from rex_stream.stream.supervisor import default_workers_per_gpu, parse_gpus
 
 TP = ("in", 0)
 
@@ -153,3 +154,20 @@ def test_gpu_selection():
         parse_gpus("3,5", 4)
     with pytest.raises(ValueError):
         parse_gpus("all", 0)
+
+
+def test_workers_per_gpu_default_to_half_the_cores_per_gpu_with_a_device_process():
+    assert default_workers_per_gpu(16, 1, device_server=True) == 8  # the measured best (BENCHMARKS run 19)
+    assert default_workers_per_gpu(32, 2, device_server=True) == 8
+    assert default_workers_per_gpu(128, 1, device_server=True) == 8  # capped
+    assert default_workers_per_gpu(8, 2, device_server=True) == 2
+    assert default_workers_per_gpu(2, 4, device_server=True) == 1
+    assert default_workers_per_gpu(64, 1, device_server=False) == 1  # each worker would hold a model copy
+
+
+def test_workers_per_gpu_must_be_positive():
+    parser = build_parser()
+    assert parser.parse_args(["run", "--workers-per-gpu", "3"]).workers_per_gpu == 3
+    assert parser.parse_args(["run"]).workers_per_gpu is None
+    with pytest.raises(SystemExit):
+        parser.parse_args(["run", "--workers-per-gpu", "0"])

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import Settings, load_settings, redacted
 from ..logs import configure
-from .supervisor import Supervisor, parse_gpus
+from .supervisor import Supervisor, default_workers_per_gpu, parse_gpus
 
 
 def settings_from_args(args: Any) -> Settings:
@@ -58,7 +58,8 @@ def main(args: Any) -> int:
 
         groups = [(str(g), {"CUDA_VISIBLE_DEVICES": str(g), "REX_MODEL__DEVICE": "cuda"})
                   for g in parse_gpus(args.gpus, torch.cuda.device_count())]
-        per_group = max(1, args.workers_per_gpu)
+        per_group = args.workers_per_gpu or default_workers_per_gpu(
+            len(os.sched_getaffinity(0)), len(groups), args.device_server)
     else:
         groups, per_group = [("cpu", {})], max(1, args.workers or 1)
     argv: list[list[str]] = []
