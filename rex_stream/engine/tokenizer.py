@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
@@ -85,10 +85,7 @@ class RexTokenizer:
     def pieces(self, text: str) -> Pieces:
         """Token ids and character offsets of `text` alone (no special tokens)."""
         found = self._chars.pieces(text) if self._chars else None
-        if found is not None:
-            return found
-        enc = self._single.encode(text, add_special_tokens=False)
-        return tuple(enc.ids), tuple(enc.offsets)
+        return _tokenizers_pieces(self._single, text) if found is None else found
 
     def pieces_of(self, texts: list[str]) -> list[Pieces]:
         """`pieces` of each text; those the character table can't take are tokenised in one
@@ -168,13 +165,13 @@ def _char_pieces(tok: Tokenizer, vocab: dict[str, int], added: dict[str, int]) -
     """The character table of a vocabulary, built and checked against `tok` once per process (~0.5 s)."""
     key = (tuple(vocab.items()), tuple(added.items()))
     if key not in _char_tables:
-
-        def reference(text: str) -> Pieces:
-            enc = tok.encode(text, add_special_tokens=False)
-            return tuple(enc.ids), tuple(enc.offsets)
-
-        _char_tables[key] = CharPieces(vocab, vocab["[UNK]"], added, reference)
+        _char_tables[key] = CharPieces(vocab, vocab["[UNK]"], added, partial(_tokenizers_pieces, tok))
     return _char_tables[key]
+
+
+def _tokenizers_pieces(tok: Tokenizer, text: str) -> Pieces:
+    enc = tok.encode(text, add_special_tokens=False)
+    return tuple(enc.ids), tuple(enc.offsets)
 
 
 def _read_vocab(vocab_file: Path) -> dict[str, int]:
