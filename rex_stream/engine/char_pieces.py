@@ -155,12 +155,13 @@ class CharPieces:
             kinds = list(map(self._table.__getitem__, map(ord, text[start:stop])))
         except IndexError:  # a character beyond the BMP
             return False
-        if not kinds or min(kinds) >= 0:
+        lowest = min(kinds, default=0)
+        if lowest == UNSAFE:
+            return False
+        if lowest >= 0:
             ids += kinds
             offsets += self._offsets(start, stop)
             return True
-        if min(kinds) == UNSAFE:
-            return False
         at = start
         for run in self._runs_re.finditer(text, start, stop):
             a, b = run.span()
