@@ -34,24 +34,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from triton.testing import do_bench
 
 from rex_stream.bench.baselines import matmul_peak
 
 
-def _seconds(fn: Callable[[], object], iters: int = 20, repeats: int = 5) -> float:
-    """Best mean time of ``fn`` over ``repeats`` runs of ``iters`` calls, by CUDA events."""
-    for _ in range(3):
-        fn()
-    best = float("inf")
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(iters):
-            fn()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) / 1e3 / iters)
-    return best
+def _seconds(fn: Callable[[], object]) -> float:
+    """Fastest time of one call of ``fn`` (``triton.testing.do_bench``, its L2 flushed between calls)."""
+    return do_bench(fn, warmup=25, rep=200, return_mode="min") / 1e3
 
 
 @functools.cache
@@ -72,7 +62,7 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
     """Device memory bytes moved per second (read + write) by a plain copy."""
     src = torch.empty(nbytes, device="cuda", dtype=torch.uint8).random_()
     dst = torch.empty_like(src)
-    return 2 * nbytes / _seconds(lambda: dst.copy_(src), iters=10)
+    return 2 * nbytes / _seconds(lambda: dst.copy_(src))
 
 
 def flash_seconds_per_token(heads: int, head_dim: int, length: int, tokens: int) -> float:
