@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -127,6 +128,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Subcommand -> (module, function taking the parsed arguments), imported when used, so that a
+# command never loads what only another needs (the Kafka client, the bench, the HTTP server).
+_COMMANDS = {
+    "run": (".stream.launcher", "main"),
+    "device-server": (".stream.launcher", "device_server_main"),
+    "produce": (".stream.produce", "main"),
+    "demo": (".demo", "main"),
+    "health": (".ops.health", "main"),
+    "stats": (".ops.stats_report", "main"),
+    "bench": (".bench.runner", "main"),
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "infer":
@@ -142,34 +156,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         out = write_random_model(args.out, args.size, seed=args.seed, vocab_path=args.vocab, **kwargs)
         print(out)
         return 0
-    if args.command == "run":
-        from .stream.launcher import main as run_main
-
-        return run_main(args)
-    if args.command == "device-server":
-        from .stream.launcher import device_server_main
-
-        return device_server_main(args)
-    if args.command == "produce":
-        from .stream.produce import main as produce_main
-
-        return produce_main(args)
-    if args.command == "demo":
-        from .demo import main as demo_main
-
-        return demo_main(args)
-    if args.command == "health":
-        from .ops.health import main as health_main
-
-        return health_main(args)
-    if args.command == "stats":
-        from .ops.stats_report import main as stats_main
-
-        return stats_main(args)
-    if args.command == "bench":
-        from .bench.runner import main as bench_main
-
-        return bench_main(args)
+    if args.command in _COMMANDS:
+        module, function = _COMMANDS[args.command]
+        return getattr(importlib.import_module(module, __package__), function)(args)
     return 2
 
 

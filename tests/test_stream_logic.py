@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
+
 import orjson
 import pytest
 
+from rex_stream import cli
 from rex_stream.cli import build_parser
 from rex_stream.config import LimitSettings, Settings, load_settings, redacted
 from rex_stream.engine.requests import Limits, RequestError
@@ -171,3 +175,10 @@ def test_workers_per_gpu_must_be_positive():
     assert parser.parse_args(["run"]).workers_per_gpu is None
     with pytest.raises(SystemExit):
         parser.parse_args(["run", "--workers-per-gpu", "0"])
+
+
+def test_every_subcommand_dispatches_to_a_function():
+    subcommands = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(subcommands) == set(cli._COMMANDS) | {"infer", "model"}  # those two are handled inline
+    for module, function in cli._COMMANDS.values():
+        assert callable(getattr(importlib.import_module(module, "rex_stream"), function))
