@@ -1,7 +1,7 @@
 """Profile the engine on one GPU: kernel time table, and how busy the GPU is over the wall time.
 
-`python bench/profile_engine.py MODEL_DIR [WORKLOAD] [ATTENTION] [MESSAGES]` (REX_SHARED must point at
-the shared data). Prints the top CUDA kernels by total time, the summed kernel time against the
+`python bench/profile_engine.py MODEL_DIR [WORKLOAD] [ATTENTION] [MESSAGES] [ROWS]` (REX_SHARED must point
+at the shared data; ROWS kernels in the table, default 25). Prints the top CUDA kernels by total time, the summed kernel time against the
 wall time of the same pass (a lower bound on GPU idleness), and the engine's stats.
 """
 import sys
@@ -17,6 +17,7 @@ model = sys.argv[1]
 workload = sys.argv[2] if len(sys.argv) > 2 else "ner"
 attention = sys.argv[3] if len(sys.argv) > 3 else "sdpa"
 count = int(sys.argv[4]) if len(sys.argv) > 4 else 8192
+rows = int(sys.argv[5]) if len(sys.argv) > 5 else 25
 eng = Engine(model, device="cuda", dtype="bf16", batch_tokens=65536, attention=attention)
 items = load_workload(workload, None, count)
 eng.infer(items)  # warm-up: kernels compiled, allocator warm
@@ -35,7 +36,7 @@ events = prof.key_averages()
 kernel = sum(e.self_device_time_total for e in events) / 1e6
 print(f"profiled pass: wall {wall * 1e3:.0f} ms, summed CUDA kernel time {kernel * 1e3:.0f} ms "
       f"({kernel / wall:.0%} of wall)")
-print(events.table(sort_by="self_device_time_total", row_limit=25, max_name_column_width=70))
+print(events.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70))
 print(eng.runner.model.fast_path_status())
 
 
