@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Encoding, Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordPiece
 
 from .char_pieces import CharPieces, Pieces
@@ -95,7 +95,7 @@ class RexTokenizer:
         if rest:
             encodings = self._single.encode_batch([texts[i] for i in rest], add_special_tokens=False)
             for i, enc in zip(rest, encodings):
-                found[i] = (tuple(enc.ids), tuple(enc.offsets))
+                found[i] = _encoding_pieces(enc)
         return found
 
     def windows(self, hint: Pieces, text: Pieces, classification: bool) -> list[Window]:
@@ -170,7 +170,10 @@ def _char_pieces(tok: Tokenizer, vocab: dict[str, int], added: dict[str, int]) -
 
 
 def _tokenizers_pieces(tok: Tokenizer, text: str) -> Pieces:
-    enc = tok.encode(text, add_special_tokens=False)
+    return _encoding_pieces(tok.encode(text, add_special_tokens=False))
+
+
+def _encoding_pieces(enc: Encoding) -> Pieces:
     return tuple(enc.ids), tuple(enc.offsets)
 
 
